@@ -1,0 +1,203 @@
+"""The clean stage: normalise story text, drop unusable stories, dedup, and split by story.
+
+Normalising rules run in order on every story; each counts the stories it changed. Filters then
+drop stories, each counted under the first filter that rejects it. Both counts go to
+metrics/clean.json so a change in the data shows up in `dvc metrics diff`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ftfy
+import numpy as np
+
+from librarian.config import CleanParams, Params
+from librarian.errors import LibrarianError
+from librarian.io import atomic_dir, read_stories, write_json, write_stories
+from librarian.rng import rng_for
+
+# --- normalising rules -------------------------------------------------------------------------
+
+# Every character that windows-1252 shows for a UTF-8 continuation byte (0x80-0xBF). In the hub's
+# parquet, "”" (E2 80 9D) turned into "â€" plus 0x9D, which windows-1252 cannot show and which was
+# lost; so "â€" followed by anything that is not such a character can only have been "”".
+_CP1252_CONTINUATIONS = "".join(bytes([b]).decode("cp1252", errors="ignore") for b in range(0x80, 0xC0))
+_LOST_CLOSING_QUOTE = re.compile("â€(?![" + re.escape(_CP1252_CONTINUATIONS) + "])")
+# Letters that start nearly every UTF-8-read-as-latin-1/cp1252 sequence; a cheap test before ftfy.
+_MOJIBAKE_HINT = re.compile("[ÂÃâð]")
+
+_TYPOGRAPHY = str.maketrans(
+    {
+        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
+        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
+        "\u00ab": '"', "\u00bb": '"',
+        "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-",
+        "\u2212": "-",
+        "\u2026": "...",
+    }
+)
+
+# C0/C1 controls except tab and newline (handled as whitespace), zero-width and bidi marks, BOM.
+_INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85]")
+_SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newline
+_PARAGRAPH_BREAKS = re.compile(r"\s*\n\s*")
+
+
+def repair_mojibake(text: str) -> str:
+    if not _MOJIBAKE_HINT.search(text):
+        return text
+    return ftfy.fix_encoding(_LOST_CLOSING_QUOTE.sub("\u201d", text))
+
+
+def nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
+
+
+def ascii_punctuation(text: str) -> str:
+    return text.translate(_TYPOGRAPHY)
+
+
+def strip_invisible(text: str) -> str:
+    return _INVISIBLE.sub("", text)
+
+
+def normalise_whitespace(text: str) -> str:
+    """One space between words, one newline between paragraphs, nothing at either end.
+
+    TinyStories' text files put one newline between paragraphs, the hub's parquet two; settling on
+    one makes both copies of a story identical, so dedup can see them.
+    """
+    text = _LINE_BREAKS.sub("\n", text)
+    text = _SPACES.sub(" ", text)
+    return _PARAGRAPH_BREAKS.sub("\n", text).strip()
+
+
+# Order matters: mojibake first (its output is typographic), then NFKC, which would otherwise
+# take "…" before the punctuation rule can count it.
+RULES = (
+    ("mojibake", repair_mojibake),
+    ("ascii_punctuation", ascii_punctuation),
+    ("nfkc", nfkc),
+    ("invisible_chars", strip_invisible),
+    ("whitespace", normalise_whitespace),
+)
+
+# --- filters -----------------------------------------------------------------------------------
+
+_ENDINGS = (".", "!", "?", '"', "'", ")")
+_THE_END = re.compile(r"the end\W*$", re.IGNORECASE)
+
+
+def is_fragment(text: str) -> bool:
+    """A story cut off mid-sentence: it ends with neither closing punctuation nor "The End"."""
+    return not (text.endswith(_ENDINGS) or _THE_END.search(text))
+
+
+def rejection(text: str, params: CleanParams) -> str | None:
+    """The first filter that drops `text`, or None to keep it."""
+    if not text:
+        return "empty"
+    if len(text) < params.min_chars:
+        return "too_short"
+    if len(text) > params.max_chars:
+        return "too_long"
+    if is_fragment(text):
+        return "fragment"
+    return None
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CleanReport:
+    stories_in: int = 0
+    changed: Counter = field(default_factory=lambda: Counter({name: 0 for name, _ in RULES}))
+    dropped: Counter = field(
+        default_factory=lambda: Counter(dict.fromkeys(["empty", "too_short", "too_long", "fragment", "duplicate"], 0))
+    )
+    stories_out: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "stories_in": self.stories_in,
+            "changed": dict(self.changed),
+            "dropped": dict(self.dropped),
+            "stories_out": self.stories_out,
+        }
+
+
+def normalise(text: str, report: CleanReport | None = None) -> str:
+    for name, rule in RULES:
+        fixed = rule(text)
+        if report is not None and fixed != text:
+            report.changed[name] += 1
+        text = fixed
+    return text
+
+
+def clean_stories(stories, params: CleanParams, seen: set[str] | None = None) -> tuple[list[str], CleanReport]:
+    """Normalise, filter and exact-dedup `stories`, keeping first occurrences in order.
+
+    Stories already in `seen` count as duplicates too: that is how the official validation split
+    is kept free of stories that also appear in training data.
+    """
+    report = CleanReport()
+    seen = set() if seen is None else set(seen)
+    kept = []
+    for story in stories:
+        report.stories_in += 1
+        text = normalise(story, report)
+        reason = rejection(text, params) or ("duplicate" if text in seen else None)
+        if reason:
+            report.dropped[reason] += 1
+            continue
+        seen.add(text)
+        kept.append(text)
+    report.stories_out = len(kept)
+    return kept, report
+
+
+def split_stories(stories: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded split by whole story; each split keeps the corpus order."""
+    n = len(stories)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    for name, size, key in (("val", n_val, "val_fraction"), ("test", n_test, "test_fraction")):
+        if size == 0:
+            raise LibrarianError(
+                f"data.{key} of {n} clean stories leaves the {name} split empty; raise data.{key} or use more data"
+            )
+    if n - n_val - n_test <= 0:
+        raise LibrarianError(f"{n} clean stories leave no train split; lower data.val_fraction/test_fraction")
+    order = rng_for(seed, "split").permutation(n)
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return {name: [stories[i] for i in np.sort(idx)] for name, idx in parts.items()}
+
+
+SPLITS = ("train", "val", "test")
+OFFICIAL_VALIDATION = "official_validation"
+
+
+def clean_corpus(in_dir: str | Path, out_dir: str | Path, report_path: str | Path, params: Params) -> dict:
+    """Clean the sampled train split into train/val/test, and the official validation split if any."""
+    in_dir = Path(in_dir)
+    pool, pool_report = clean_stories(read_stories(in_dir / "train.parquet"), params.clean)
+    splits = split_stories(pool, params.data.val_fraction, params.data.test_fraction, params.seed)
+    report = {"train_pool": pool_report.as_dict()}
+    if (in_dir / "validation.parquet").exists():
+        # Stories that also occur in the training pool are dropped as duplicates: no leak into evaluation.
+        official, official_report = clean_stories(read_stories(in_dir / "validation.parquet"), params.clean, seen=set(pool))
+        splits[OFFICIAL_VALIDATION] = official
+        report[OFFICIAL_VALIDATION] = official_report.as_dict()
+    report["splits"] = {name: len(stories) for name, stories in splits.items()}
+    with atomic_dir(out_dir) as tmp:
+        for name, stories in splits.items():
+            write_stories(tmp / f"{name}.parquet", stories)
+    write_json(report_path, report)
+    return report

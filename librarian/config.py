@@ -1,0 +1,179 @@
+"""params.yaml as typed, validated configuration: the one place every knob is defined.
+
+Every key is required (params.yaml itself holds the defaults, which are the model card's), unknown
+keys are refused, and types are strict: a quoted "32" is a mistake, not a number. Validation
+happens once, when a stage starts, and a failure names the key and the values it accepts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from librarian.errors import LibrarianError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+# Token ids are stored as uint16, so no id may exceed 65535.
+UINT16_VOCAB_LIMIT = 2**16
+REQUIRED_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(Section):
+    source: Annotated[str, Field(min_length=1)]
+    fraction: Fraction
+    val_fraction: Fraction
+    test_fraction: Fraction
+
+    @model_validator(mode="after")
+    def _room_for_train(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 to leave stories for training "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class CleanParams(Section):
+    min_chars: Annotated[int, Field(ge=0)]
+    max_chars: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_chars >= self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must be < max_chars ({self.max_chars})")
+        return self
+
+
+class TokenizerParams(Section):
+    vocab_size: Annotated[int, Field(ge=257, le=UINT16_VOCAB_LIMIT)]
+    min_frequency: PositiveInt
+    special_tokens: list[Annotated[str, Field(min_length=1)]]
+
+    @field_validator("special_tokens")
+    @classmethod
+    def _has_required(cls, tokens):
+        missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in tokens]
+        if missing:
+            raise ValueError(f"must include {', '.join(REQUIRED_SPECIAL_TOKENS)}; missing {', '.join(missing)}")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("must not repeat a token")
+        return tokens
+
+    @model_validator(mode="after")
+    def _room_for_bytes(self):
+        # A byte-level BPE needs all 256 byte symbols plus the special tokens before any merge.
+        floor = 256 + len(self.special_tokens)
+        if self.vocab_size < floor:
+            raise ValueError(f"vocab_size must be >= {floor} (256 bytes + special tokens), got {self.vocab_size}")
+        return self
+
+
+class TokenizeParams(Section):
+    chunk_stories: PositiveInt
+
+
+class ModelParams(Section):
+    n_layer: PositiveInt
+    n_head: PositiveInt
+    d_model: PositiveInt
+    d_ff: PositiveInt
+    context_length: PositiveInt
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); "
+                "pick an n_head that divides d_model"
+            )
+        return self
+
+
+class TrainParams(Section):
+    lr: Annotated[float, Field(gt=0)]
+    batch_size: PositiveInt
+    grad_accum: PositiveInt
+    amp: bool
+    max_epochs: PositiveInt
+    patience: PositiveInt
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0)]
+    data: DataParams
+    clean: CleanParams
+    tokenizer: TokenizerParams
+    tokenize: TokenizeParams
+    model: ModelParams
+    train: TrainParams
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml, or raise LibrarianError naming the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LibrarianError(f"{path} not found; run from the project root or pass --params PATH") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LibrarianError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise LibrarianError(f"{source} must be a mapping of sections (seed, data, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise LibrarianError(f"{source}: {_describe(errors[0])}{more}") from None
+
+
+def _describe(error: dict) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key}{_did_you_mean(loc)}; remove it or fix its spelling"
+    if kind == "missing":
+        return f"missing key {key}; add it (see the params reference in README.md)"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind in {"int_from_float", "model_type"}:
+        hint = ""
+        if kind == "float_type" and isinstance(error["input"], str):
+            hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
+        return f"{key} has the wrong type: {message[0].lower()}{message[1:]}, got {error['input']!r}{hint}"
+    got = "" if kind == "value_error" else f", got {error['input']!r}"
+    return f"{key}: {message[0].lower()}{message[1:]}{got}"
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)"

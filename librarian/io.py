@@ -1,0 +1,91 @@
+"""Atomic writes: an output either appears whole or not at all.
+
+DVC and the next stage pick up whatever sits at an output path, so a crash, a Ctrl-C or a full
+disk must never leave a half-written file there. Everything is written to a temporary sibling and
+renamed into place; rename is atomic within a filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from librarian.errors import LibrarianError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_if_disk_error(exc, path)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_error(exc, path)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON with sorted keys and a trailing newline, so equal data gives equal bytes."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_stories(path: str | Path, stories: list[str]) -> None:
+    """Stories as a one-column (`text`) parquet file: the format of every split under data/."""
+    table = pa.table({"text": pa.array(stories, type=pa.large_string())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_stories(path: str | Path) -> list[str]:
+    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
+def _raise_if_disk_error(exc: BaseException, path: Path) -> None:
+    """Turn the write failures a user can fix into a one-line LibrarianError."""
+    if not isinstance(exc, OSError):
+        return
+    if exc.errno == errno.ENOSPC:
+        raise LibrarianError(f"no space left on the device while writing {path}; free some disk space and rerun") from exc
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise LibrarianError(f"cannot write {path}: {exc.strerror}; check the folder's permissions") from exc

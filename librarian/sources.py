@@ -1,0 +1,214 @@
+"""The download stage: read the corpus named by data.source into columnar splits under data/raw/.
+
+Two kinds of source:
+
+- `hf:<owner>/<name>[@revision]`: a dataset on the Hugging Face hub, loaded with `datasets`;
+  its `train` and `validation` splits are kept apart.
+- a local path: a file, or a folder of shard files, in one of these formats:
+  `.txt` / `.txt.gz` (stories separated by `<|endoftext|>`, the layout of TinyStories' own text
+  files), `.jsonl` / `.jsonl.gz` (one object a line with a `text` or `story` field) or `.parquet`
+  (a `text` or `story` column). In a folder, shards whose name has a `valid` or `validation` word
+  (`TinyStories-valid.txt`, `validation-00000-of-00001.parquet`) form the official validation
+  split; all others are train.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from librarian.errors import LibrarianError
+from librarian.io import atomic_dir, write_json, write_stories
+
+HUB_PREFIX = "hf:"
+EOT = "<|endoftext|>"
+TEXT_FIELDS = ("text", "story")
+TRAIN, VALIDATION = "train", "validation"
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
+_VALIDATION_WORDS = {"valid", "validation"}
+OFFLINE_HINT = (
+    "to work offline, point data.source in params.yaml at a local copy of TinyStories "
+    "(a .txt, .txt.gz, .jsonl, .parquet file or a folder of them), "
+    "e.g. `dvc exp run -S data.source=path/to/tinystories`"
+)
+
+
+@dataclass
+class Corpus:
+    """Stories per split, plus a manifest of where they came from (the data fingerprint)."""
+
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+
+def download(source: str, out_dir: str | Path, root: str | Path = ".") -> dict:
+    """Read `source` and write `out_dir/{train,validation}.parquet` and `manifest.json` atomically."""
+    if source.startswith(HUB_PREFIX):
+        return _download_hub(source, Path(out_dir))
+    corpus = read_local(resolve_local(source, Path(root)))
+    with atomic_dir(out_dir) as tmp:
+        for split, stories in corpus.splits.items():
+            write_stories(tmp / f"{split}.parquet", stories)
+        write_json(tmp / "manifest.json", corpus.manifest)
+    return corpus.manifest
+
+
+# --- the hub ---------------------------------------------------------------------------------
+
+
+def _download_hub(source: str, out_dir: Path) -> dict:
+    name, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise LibrarianError(f"data.source {source!r} is not of the form hf:<owner>/<name>[@revision]")
+    try:
+        import datasets
+
+        loaded = datasets.load_dataset(name, revision=revision or None)
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, 404 and auth all mean the same to a user
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise LibrarianError(f"cannot load {name} from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
+    if TRAIN not in loaded:
+        raise LibrarianError(f"hub dataset {name} has no train split (it has {', '.join(loaded)})")
+    manifest = {"source": source, "kind": "hub", "dataset": name, "revision": revision or None, "splits": {}}
+    with atomic_dir(out_dir) as tmp:
+        for split in (TRAIN, VALIDATION):
+            if split not in loaded:
+                continue
+            ds = loaded[split]
+            column = _text_field(ds.column_names, f"hub dataset {name}")
+            ds = ds.select_columns([column]).rename_columns({column: "text"}) if column != "text" else ds.select_columns(["text"])
+            # Streams in record batches: the full train split (about 2 GB of text) never sits in memory.
+            ds.to_parquet(str(tmp / f"{split}.parquet"), compression="zstd")
+            manifest["splits"][split] = {"stories": ds.num_rows, "fingerprint": ds._fingerprint}
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+# --- local files -----------------------------------------------------------------------------
+
+
+def resolve_local(source: str, root: Path) -> Path:
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.exists():
+        raise LibrarianError(f"data.source {source!r} does not exist (looked at {path}); fix the path in params.yaml")
+    return path
+
+
+def read_local(path: Path) -> Corpus:
+    shards = _shards(path)
+    corpus = Corpus(manifest={"source": str(path.name), "kind": "local", "shards": [], "splits": {}})
+    for shard in shards:
+        split = shard_split(shard) if path.is_dir() else TRAIN
+        stories = read_shard(shard)
+        corpus.splits.setdefault(split, []).extend(stories)
+        corpus.manifest["shards"].append(
+            {"name": shard.relative_to(path).as_posix() if path.is_dir() else shard.name,
+             "split": split, "stories": len(stories), "sha256": _sha256(shard)}
+        )
+    if not corpus.splits.get(TRAIN):
+        raise LibrarianError(f"data.source {path} holds no train stories; add train shards or fix the path")
+    corpus.manifest["splits"] = {split: {"stories": len(s)} for split, s in sorted(corpus.splits.items())}
+    return corpus
+
+
+def _shards(path: Path) -> list[Path]:
+    if path.is_file():
+        if not path.name.endswith(SUFFIXES):
+            raise LibrarianError(f"{path} has an unsupported format; use one of {', '.join(SUFFIXES)}")
+        return [path]
+    shards = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES) and not _hidden(p, path))
+    if not shards:
+        raise LibrarianError(f"folder {path} has no shard files; it needs files ending in {', '.join(SUFFIXES)}")
+    return shards
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def shard_split(path: Path) -> str:
+    words = set(re.split(r"[-_.\s]+", path.name.lower()))
+    return VALIDATION if words & _VALIDATION_WORDS else TRAIN
+
+
+def read_shard(path: Path) -> list[str]:
+    name = path.name
+    if name.endswith(".parquet"):
+        return _read_parquet(path)
+    text = _read_text(path)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _parse_jsonl(text, path)
+    return _parse_txt(text)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise LibrarianError(f"cannot read {path}: {exc}; is it a complete, valid file?") from None
+    if b"\x00" in data:
+        raise LibrarianError(f"{path} holds binary data (NUL bytes), not text; point data.source at text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LibrarianError(
+            f"{path} is not valid UTF-8 (bad byte at offset {exc.start}); re-encode it as UTF-8"
+        ) from None
+
+
+def _parse_txt(text: str) -> list[str]:
+    # Stories sit between <|endoftext|> lines; the blank piece after the last separator is no story.
+    return [story.strip() for story in text.split(EOT) if story.strip()]
+
+
+def _parse_jsonl(text: str, path: Path) -> list[str]:
+    stories = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LibrarianError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise LibrarianError(f"{path} line {number} is not a JSON object; each line must be {{\"text\": ...}}")
+        key = next((k for k in TEXT_FIELDS if k in record), None)
+        if key is None or not isinstance(record[key], str):
+            raise LibrarianError(f"{path} line {number} has no string field 'text' or 'story'")
+        stories.append(record[key])
+    return stories
+
+
+def _read_parquet(path: Path) -> list[str]:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise LibrarianError(f"{path} is not a readable parquet file ({exc}); re-download or re-export it") from None
+    column = _text_field(schema.names, str(path))
+    if not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
+        raise LibrarianError(f"{path} column {column!r} is {schema.field(column).type}, not text; it must hold strings")
+    stories = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    return [s for s in stories if s is not None]
+
+
+def _text_field(names, where: str) -> str:
+    column = next((n for n in TEXT_FIELDS if n in names), None)
+    if column is None:
+        raise LibrarianError(f"{where} has columns {list(names)}; it needs a 'text' or 'story' column")
+    return column
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,53 @@
+"""What every stage script shares: argument parsing, params loading and one-line error reports."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from librarian.config import DEFAULT_PARAMS, Params, load_params
+from librarian.errors import LibrarianError
+
+
+def parse(description: str, paths: dict[str, str], argv=None) -> tuple[argparse.Namespace, Params]:
+    """Parse the stage's path arguments (name -> help) and --params, then validate params once."""
+    parser = argparse.ArgumentParser(description=description)
+    for name, help_text in paths.items():
+        parser.add_argument(name, type=Path, help=help_text)
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    return args, load_params(args.params)
+
+
+def run_stage(main):
+    """Run a stage's main(argv), turning any failure into one line on stderr and a non-zero exit.
+
+    The traceback is printed only with LIBRARIAN_DEBUG=1: users should see what to fix, not our
+    call stack. Outputs are written atomically, so a failed stage leaves nothing behind.
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        debug = os.environ.get("LIBRARIAN_DEBUG") == "1"
+        try:
+            main(argv)
+        except LibrarianError as exc:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("error: interrupted; nothing was written, rerun the stage to start again", file=sys.stderr)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for a clear message
+            if debug:
+                traceback.print_exc()
+            reason = (str(exc).splitlines() or [""])[0]
+            print(f"error: unexpected {type(exc).__name__}: {reason} (set LIBRARIAN_DEBUG=1 for the traceback)", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper

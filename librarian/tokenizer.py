@@ -1,0 +1,59 @@
+"""The train_tokenizer stage: a byte-level BPE trained on the train split only.
+
+Byte-level BPE can encode any UTF-8 text without an unknown token, and its decode is the exact
+inverse of encode. The special tokens are added first, so their ids are fixed (0, 1, ...) whatever
+the corpus, and `<|endoftext|>` is always id 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from librarian.config import REQUIRED_SPECIAL_TOKENS, TokenizerParams
+from librarian.errors import LibrarianError
+from librarian.io import write_text
+
+EOT, PAD = REQUIRED_SPECIAL_TOKENS
+
+
+def train_tokenizer(stories: Iterable[str], params: TokenizerParams, n_stories: int | None = None) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=params.vocab_size,
+        min_frequency=params.min_frequency,
+        special_tokens=list(params.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(stories, trainer=trainer, length=n_stories)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    write_text(path, tokenizer.to_str(pretty=True))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load tokenizer.json, refusing a damaged file or one without the special tokens we rely on."""
+    path = Path(path)
+    if not path.exists():
+        raise LibrarianError(f"tokenizer {path} not found; run `dvc repro train_tokenizer` first")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        reason = (str(exc).splitlines() or ["unreadable"])[0][:160]
+        raise LibrarianError(f"tokenizer {path} is invalid or truncated ({reason}); rerun `dvc repro -f train_tokenizer`") from None
+    missing = [t for t in REQUIRED_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise LibrarianError(f"tokenizer {path} lacks the special tokens {', '.join(missing)}; retrain it with them")
+    return tokenizer
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

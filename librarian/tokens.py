@@ -1,0 +1,83 @@
+"""The tokenize stage: each split becomes a flat uint16 token file plus a JSON sidecar.
+
+Layout: every story's tokens followed by `<|endoftext|>`, so a window that crosses a story
+boundary sees the separator. Encoding streams in chunks of `tokenize.chunk_stories` stories, so
+peak memory depends on the chunk, not the corpus.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from librarian.config import UINT16_VOCAB_LIMIT
+from librarian.errors import LibrarianError
+from librarian.io import atomic_dir, write_json
+from librarian.tokenizer import EOT, file_sha256, load_tokenizer
+
+DTYPE = np.uint16
+
+
+def check_vocab_fits(tokenizer: Tokenizer) -> None:
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > UINT16_VOCAB_LIMIT:
+        raise LibrarianError(
+            f"tokenizer vocab of {size} does not fit uint16 token files (at most {UINT16_VOCAB_LIMIT}); "
+            "lower tokenizer.vocab_size"
+        )
+
+
+def encode_chunk(tokenizer: Tokenizer, stories: list[str], eot_id: int) -> np.ndarray:
+    """Token ids of `stories`, each followed by `<|endoftext|>`."""
+    encodings = tokenizer.encode_batch_fast(stories, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.full(int(lengths.sum()), eot_id, dtype=DTYPE)
+    ends = np.cumsum(lengths)
+    for encoding, end, length in zip(encodings, ends, lengths):
+        ids[end - length : end - 1] = encoding.ids
+    return ids
+
+
+def encode_split(parquet: Path, out_bin: Path, tokenizer: Tokenizer, chunk_stories: int, desc: str) -> dict:
+    """Stream `parquet`'s stories into `out_bin`; return token, story and byte counts."""
+    eot_id = tokenizer.token_to_id(EOT)
+    source = pq.ParquetFile(parquet)
+    counts = {"tokens": 0, "stories": 0, "utf8_bytes": 0}
+    with out_bin.open("wb") as f, tqdm(total=source.metadata.num_rows, unit="story", desc=desc) as bar:
+        for batch in source.iter_batches(batch_size=chunk_stories, columns=["text"]):
+            stories = batch.column(0).to_pylist()
+            ids = encode_chunk(tokenizer, stories, eot_id)
+            ids.tofile(f)
+            counts["tokens"] += len(ids)
+            counts["stories"] += len(stories)
+            counts["utf8_bytes"] += sum(len(s.encode("utf-8")) for s in stories)
+            bar.update(len(stories))
+    return counts
+
+
+def tokenize_corpus(clean_dir: str | Path, tokenizer_path: str | Path, out_dir: str | Path, chunk_stories: int) -> dict:
+    """Write out_dir/{split}.bin and {split}.json for every split in clean_dir."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_vocab_fits(tokenizer)
+    sidecar_base = {
+        "dtype": "uint16",
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "eot_id": tokenizer.token_to_id(EOT),
+        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "layout": "each story's tokens followed by <|endoftext|>",
+    }
+    summary = {}
+    splits = sorted(Path(clean_dir).glob("*.parquet"))
+    if not splits:
+        raise LibrarianError(f"{clean_dir} has no split files; run `dvc repro clean` first")
+    with atomic_dir(out_dir) as tmp:
+        for parquet in splits:
+            split = parquet.stem
+            counts = encode_split(parquet, tmp / f"{split}.bin", tokenizer, chunk_stories, desc=split)
+            write_json(tmp / f"{split}.json", {"split": split, **counts, **sidecar_base})
+            summary[split] = counts
+    return summary

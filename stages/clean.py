@@ -1,0 +1,18 @@
+"""Stage clean: normalise and filter stories, then split them into train/val/test."""
+
+from librarian.clean import clean_corpus
+from librarian.stage import parse, run_stage
+
+
+@run_stage
+def main(argv=None):
+    paths = {"in_dir": "data/subsample", "out_dir": "data/clean", "report": "metrics/clean.json"}
+    args, params = parse(__doc__, paths, argv)
+    report = clean_corpus(args.in_dir, args.out_dir, args.report, params)
+    pool = report["train_pool"]
+    print(f"clean: {pool['stories_in']} -> {pool['stories_out']} stories; dropped {pool['dropped']}")
+    print(f"clean: splits {report['splits']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Stage tokenize: encode every split into a uint16 token file with a JSON sidecar."""
+
+from librarian.stage import parse, run_stage
+from librarian.tokens import tokenize_corpus
+
+
+@run_stage
+def main(argv=None):
+    paths = {"clean_dir": "data/clean", "tokenizer": "data/tokenizer.json", "out_dir": "data/tokens"}
+    args, params = parse(__doc__, paths, argv)
+    summary = tokenize_corpus(args.clean_dir, args.tokenizer, args.out_dir, params.tokenize.chunk_stories)
+    for split, counts in summary.items():
+        print(f"tokenize: {split}: {counts['tokens']} tokens, {counts['stories']} stories")
+
+
+if __name__ == "__main__":
+    main()
