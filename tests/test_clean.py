@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from librarian.clean import clean_corpus, clean_stories, is_fragment, normalise, repair_mojibake, split_stories
+from librarian.errors import LibrarianError
+from librarian.io import read_stories, write_stories
+from tests.conftest import fixture_stories
+
+# Real lines from the hub's parquet (TinyStories v1 train, as shipped in tests/fixtures).
+REAL_MOJIBAKE = [
+    ("He said, â€œPlease help me move the big stone, I want to try to do it.â€ \n\nBut the",
+     'He said, "Please help me move the big stone, I want to try to do it."\nBut the'),
+    ("it is very expensive. Itâ€™s taking us to a magical place.\" \n\nShe",
+     'it is very expensive. It\'s taking us to a magical place."\nShe'),
+    ("Bear said to her, â€œBunny, sometimes we canâ€™t be brave",
+     'Bear said to her, "Bunny, sometimes we can\'t be brave'),
+]
+
+
+@pytest.mark.parametrize("broken,fixed", REAL_MOJIBAKE)
+def test_real_mojibake_is_repaired(broken, fixed):
+    assert normalise(broken) == fixed
+
+
+def test_every_fixture_mojibake_story_is_repaired():
+    broken = [s for s in fixture_stories() if "â€" in s]
+    assert len(broken) == 33
+    for story in broken:
+        text = normalise(story)
+        assert "â" not in text and "€" not in text, text
+
+
+def test_lost_closing_quote_before_newline_and_end():
+    assert repair_mojibake("â€œHi!â€\nBye.") == "\u201cHi!\u201d\nBye."
+    assert repair_mojibake("â€œHi!â€") == "\u201cHi!\u201d"
+    assert repair_mojibake("Clean text, no change.") == "Clean text, no change."
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("\u201cHi,\u201d she said \u2014 \u2018twice\u2019\u2026", "\"Hi,\" she said - 'twice'..."),
+        ("ﬁsh and ｆｕｌｌ width", "fish and full width"),  # NFKC
+        ("zero\u200bwidth\ufeff and soft\u00adhyphen\x07", "zerowidth and softhyphen"),
+        ("  many   spaces\there \r\n\r\n\n next\u2028line  ", "many spaces here\nnext\nline"),
+    ],
+)
+def test_normalising_rules(raw, expected):
+    assert normalise(raw) == expected
+
+
+def test_counts_each_rule_and_filter(make_params):
+    params = make_params(**{"clean.min_chars": 20, "clean.max_chars": 200})
+    long_story = "A cat sat. " * 30
+    stories = [
+        "Once upon a time, a \u201cbig\u201d dog ran home.",  # punctuation
+        "Once upon a time, a \u201cbig\u201d dog ran home.",  # duplicate after cleaning
+        "Once upon a time, a \"big\" dog ran home.",  # duplicate of the normalised form
+        "   ",  # empty after whitespace
+        "Too short.",
+        long_story,
+        "Once upon a time, a girl went to the",  # fragment
+        "Once upon a time, Ben said hi.\nThe End",  # "The End" is a proper ending
+    ]
+    kept, report = clean_stories(stories, params.clean)
+    assert kept == ['Once upon a time, a "big" dog ran home.', "Once upon a time, Ben said hi.\nThe End"]
+    assert report.dropped == {"empty": 1, "too_short": 1, "too_long": 1, "fragment": 1, "duplicate": 2}
+    assert report.changed["ascii_punctuation"] == 2 and report.changed["whitespace"] == 2
+    assert report.stories_in == 8 and report.stories_out == 2
+
+
+@pytest.mark.parametrize("text,fragment", [("He ran.", False), ('"Yes!"', False), ("Why?", False),
+                                           ("The End", False), ("the end!", False), ("and then", True),
+                                           ("They hugged each", True)])
+def test_fragments(text, fragment):
+    assert is_fragment(text) is fragment
+
+
+def test_split_is_disjoint_complete_and_seeded():
+    stories = [f"Story number {i}." for i in range(1000)]
+    a = split_stories(stories, 0.1, 0.05, seed=7)
+    b = split_stories(stories, 0.1, 0.05, seed=7)
+    c = split_stories(stories, 0.1, 0.05, seed=8)
+    assert a == b and a != c
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (850, 100, 50)
+    sets = [set(a[k]) for k in ("train", "val", "test")]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert set().union(*sets) == set(stories)
+    assert a["val"] == sorted(a["val"], key=stories.index)  # corpus order kept
+
+
+def test_split_refuses_an_empty_split():
+    with pytest.raises(LibrarianError, match="leaves the val split empty"):
+        split_stories(["a.", "b.", "c."], 0.05, 0.4, seed=1)
+
+
+def test_clean_corpus_on_the_fixture(tmp_path, make_params):
+    params = make_params()
+    src = tmp_path / "subsample"
+    src.mkdir()
+    write_stories(src / "train.parquet", fixture_stories())
+    # The official validation split shares two stories with train: they must not leak into it.
+    validation = fixture_stories("validation-sample.txt.gz")
+    write_stories(src / "validation.parquet", validation + fixture_stories()[:2])
+    report = clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", params)
+    assert json.loads((tmp_path / "clean.json").read_text()) == report
+    pool = report["train_pool"]
+    assert pool["stories_in"] == 370 and pool["changed"]["mojibake"] == 33
+    assert pool["dropped"]["fragment"] == 9 and pool["dropped"]["too_short"] == 1
+    assert report["official_validation"]["dropped"]["duplicate"] == 2
+    splits = {name: read_stories(tmp_path / "clean" / f"{name}.parquet") for name in report["splits"]}
+    assert sorted(splits) == ["official_validation", "test", "train", "val"]
+    assert sum(len(splits[k]) for k in ("train", "val", "test")) == pool["stories_out"]
+    train = set(splits["train"])
+    assert not train & set(splits["val"]) and not train & set(splits["test"]) and not train & set(splits["official_validation"])

@@ -1,0 +1,160 @@
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from librarian.errors import LibrarianError
+from librarian.io import read_stories
+from librarian.sources import download, read_local, shard_split
+from tests.conftest import FIXTURE_CORPUS, ROOT, fixture_stories
+
+STORIES = ["Once upon a time there was a cat.\nThe End.", "Lily liked \u201cred\u201d apples. She ate one!", "  Tom ran.  "]
+
+
+def as_txt(stories):
+    return "".join(f"{s}\n<|endoftext|>\n" for s in stories)
+
+
+@pytest.fixture
+def formats(tmp_path):
+    """The same three stories in every supported local format."""
+    (tmp_path / "s.txt").write_text(as_txt(STORIES), encoding="utf-8")
+    (tmp_path / "s.txt.gz").write_bytes(gzip.compress(as_txt(STORIES).encode()))
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in STORIES) + "\n\n")
+    (tmp_path / "story.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps({"story": s}) for s in STORIES).encode()))
+    pq.write_table(pa.table({"text": STORIES, "id": [1, 2, 3]}), tmp_path / "s.parquet")
+    pq.write_table(pa.table({"story": STORIES}), tmp_path / "story.parquet")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["s.txt", "s.txt.gz", "s.jsonl", "story.jsonl.gz", "s.parquet", "story.parquet"])
+def test_each_local_format_reads_the_same_stories(formats, name):
+    corpus = read_local(formats / name)
+    expected = [s.strip() for s in STORIES] if ".txt" in name else STORIES
+    assert corpus.splits == {"train": expected}
+    assert corpus.manifest["shards"][0]["stories"] == 3 and len(corpus.manifest["shards"][0]["sha256"]) == 64
+
+
+def test_folder_of_shards_keeps_validation_apart(tmp_path):
+    (tmp_path / "b-train.txt").write_text(as_txt(["B"]))
+    (tmp_path / "a-train.jsonl").write_text(json.dumps({"text": "A"}))
+    (tmp_path / "TinyStories-valid.txt").write_text(as_txt(["V"]))
+    (tmp_path / "notes.md").write_text("ignored")
+    corpus = read_local(tmp_path)
+    assert corpus.splits == {"train": ["A", "B"], "validation": ["V"]}  # shards in name order
+
+
+@pytest.mark.parametrize(
+    "name,split",
+    [("TinyStories-valid.txt", "validation"), ("validation-00000-of-00001.parquet", "validation"),
+     ("train-00000-of-00004.parquet", "train"), ("unknown-part-001-czhou578-val.txt.gz", "train"),
+     ("TinyStories-train.txt", "train")],
+)
+def test_shard_split_by_name(tmp_path, name, split):
+    assert shard_split(tmp_path / name) == split
+
+
+def test_download_writes_parquet_and_manifest(tmp_path):
+    out = tmp_path / "raw"
+    manifest = download(str(FIXTURE_CORPUS), out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.parquet", "validation.parquet"]
+    assert read_stories(out / "train.parquet") == fixture_stories()
+    assert manifest["splits"] == {"train": {"stories": 370}, "validation": {"stories": 40}}
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_relative_source_resolves_against_root(tmp_path):
+    download("tests/fixtures/tinystories", tmp_path / "raw", root=ROOT)
+    assert (tmp_path / "raw" / "train.parquet").exists()
+
+
+def bad_source(tmp_path, kind):
+    p = tmp_path / "src"
+    if kind == "missing":
+        return tmp_path / "nowhere.txt"
+    if kind == "empty file":
+        p = tmp_path / "empty.txt"
+        p.write_text("")
+    elif kind == "binary garbage":
+        p = tmp_path / "garbage.txt"
+        p.write_bytes(os.urandom(4096) + b"\x00")
+    elif kind == "invalid utf-8":
+        p = tmp_path / "latin1.txt"
+        p.write_bytes("Once upon a time, caf\u00e9.".encode("latin-1"))
+    elif kind == "bad gzip":
+        p = tmp_path / "cut.txt.gz"
+        p.write_bytes(gzip.compress(as_txt(STORIES * 50).encode())[:-20])
+    elif kind == "wrong parquet schema":
+        p = tmp_path / "s.parquet"
+        pq.write_table(pa.table({"body": ["a"]}), p)
+    elif kind == "non-text parquet column":
+        p = tmp_path / "s.parquet"
+        pq.write_table(pa.table({"text": [1, 2]}), p)
+    elif kind == "not parquet":
+        p = tmp_path / "s.parquet"
+        p.write_text("hello")
+    elif kind == "bad jsonl line":
+        p = tmp_path / "s.jsonl"
+        p.write_text('{"text": "ok"}\n{"text": broken\n')
+    elif kind == "jsonl without text":
+        p = tmp_path / "s.jsonl"
+        p.write_text('{"title": "x"}\n')
+    elif kind == "unsupported suffix":
+        p = tmp_path / "s.csv"
+        p.write_text("text\nhello\n")
+    elif kind == "folder without shards":
+        p.mkdir()
+        (p / "readme.md").write_text("nothing here")
+    elif kind == "only validation":
+        p.mkdir()
+        (p / "validation.txt").write_text(as_txt(["V"]))
+    return p
+
+
+BAD_KINDS = {
+    "missing": "does not exist",
+    "empty file": "holds no train stories",
+    "binary garbage": "binary data",
+    "invalid utf-8": "not valid UTF-8",
+    "bad gzip": "cannot read",
+    "wrong parquet schema": "needs a 'text' or 'story' column",
+    "non-text parquet column": "not text",
+    "not parquet": "not a readable parquet file",
+    "bad jsonl line": "line 2 is not valid JSON",
+    "jsonl without text": "line 1 has no string field",
+    "unsupported suffix": "unsupported format",
+    "folder without shards": "has no shard files",
+    "only validation": "holds no train stories",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_source_gives_one_line_error_and_no_output(tmp_path, kind):
+    out = tmp_path / "raw"
+    with pytest.raises(LibrarianError) as info:
+        download(str(bad_source(tmp_path, kind)), out)
+    assert BAD_KINDS[kind] in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp leftovers
+
+
+def test_unreachable_hub_fails_in_one_line_with_the_offline_hint(tmp_path):
+    """The download stage, run as DVC runs it, with the hub unreachable (offline mode)."""
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run(
+        [sys.executable, "-m", "stages.download", str(tmp_path / "data" / "raw"), "--params", str(params)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("error: cannot load roneneldan/TinyStories from the Hugging Face hub")
+    assert "point data.source in params.yaml at a local copy" in lines[0]
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
