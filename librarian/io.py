@@ -70,11 +70,15 @@ def write_json(path: str | Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def write_stories(path: str | Path, stories: list[str]) -> None:
+# Readers stream one row group at a time, so its size, not the file's, bounds their memory.
+ROW_GROUP_STORIES = 4096
+
+
+def write_stories(path: str | Path, stories: list[str] | pa.Table) -> None:
     """Stories as a one-column (`text`) parquet file: the format of every split under data/."""
-    table = pa.table({"text": pa.array(stories, type=pa.large_string())})
+    table = stories if isinstance(stories, pa.Table) else pa.table({"text": pa.array(stories, type=pa.large_string())})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_STORIES)
 
 
 def read_stories(path: str | Path) -> list[str]:

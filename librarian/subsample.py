@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from librarian.errors import LibrarianError
-from librarian.io import atomic_dir
+from librarian.io import atomic_dir, write_stories
 from librarian.rng import rng_for
 
 
@@ -30,7 +30,7 @@ def subsample(raw_dir: str | Path, out_dir: str | Path, fraction: float, seed: i
     table = pq.read_table(raw_dir / "train.parquet", columns=["text"])
     sample = table.take(pick(table.num_rows, fraction, seed))
     with atomic_dir(out_dir) as tmp:
-        pq.write_table(sample, tmp / "train.parquet", compression="zstd")
+        write_stories(tmp / "train.parquet", sample)
         if (raw_dir / "validation.parquet").exists():
             shutil.copyfile(raw_dir / "validation.parquet", tmp / "validation.parquet")
     return {"stories_in": table.num_rows, "stories_out": sample.num_rows}
