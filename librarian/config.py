@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +92,11 @@ class ModelParams(Section):
     d_ff: PositiveInt
     context_length: PositiveInt
     dropout: Annotated[float, Field(ge=0, lt=1)]
+    # Beyond the card, off by default:
+    position: Literal["learned", "rope"]
+    norm: Literal["layernorm", "rmsnorm"]
+    mlp: Literal["gelu", "swiglu"]
+    attention: Literal["manual", "sdpa"]
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -110,6 +115,32 @@ class TrainParams(Section):
     amp: bool
     max_epochs: PositiveInt
     patience: PositiveInt
+    stride: PositiveInt
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    weight_decay: Annotated[float, Field(ge=0)]
+    decay_matrices_only: bool
+    beta1: Annotated[float, Field(ge=0, lt=1)]
+    beta2: Annotated[float, Field(ge=0, lt=1)]
+    schedule: Literal["constant", "cosine"]
+    warmup_steps: Annotated[int, Field(ge=0)]
+    min_lr: Annotated[float, Field(ge=0)]
+    grad_clip: Annotated[float, Field(ge=0)]
+    compile: bool
+    max_steps: Annotated[int, Field(ge=0)]
+    max_tokens: Annotated[int, Field(ge=0)]
+    checkpoint_every: Annotated[int, Field(ge=0)]
+    threads: Annotated[int, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
+
+
+class EvalParams(Section):
+    stride: PositiveInt
+    batch_size: PositiveInt
 
 
 class Params(Section):
@@ -120,6 +151,17 @@ class Params(Section):
     tokenize: TokenizeParams
     model: ModelParams
     train: TrainParams
+    eval: EvalParams
+
+    @model_validator(mode="after")
+    def _strides_fit_context(self):
+        for key, stride in (("train.stride", self.train.stride), ("eval.stride", self.eval.stride)):
+            if stride > self.model.context_length:
+                raise ValueError(
+                    f"{key} ({stride}) must be <= model.context_length ({self.model.context_length}), "
+                    "or tokens would be skipped"
+                )
+        return self
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

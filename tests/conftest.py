@@ -47,3 +47,30 @@ def fixture_stories(name: str = "train-sample.txt.gz") -> list[str]:
     from librarian.sources import read_shard
 
     return read_shard(FIXTURE_CORPUS / name)
+
+
+def write_tokens(directory: Path, split: str, ids, vocab_size: int, utf8_bytes: int | None = None) -> Path:
+    """A token file and its sidecar, as the tokenize stage writes them."""
+    import json
+
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ids = np.asarray(ids, dtype=np.uint16)
+    ids.tofile(directory / f"{split}.bin")
+    meta = {"split": split, "tokens": len(ids), "stories": int((ids == 0).sum()), "vocab_size": vocab_size,
+            "utf8_bytes": utf8_bytes if utf8_bytes is not None else 4 * len(ids), "dtype": "uint16", "eot_id": 0,
+            "tokenizer_sha256": "test", "layout": "each story's tokens followed by <|endoftext|>"}
+    (directory / f"{split}.json").write_text(json.dumps(meta))
+    return directory / f"{split}.bin"
+
+
+TINY_MODEL = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 16, "model.d_ff": 32,
+              "model.context_length": 16, "model.dropout": 0.1, "train.stride": 8, "eval.stride": 8,
+              "eval.batch_size": 16, "train.batch_size": 8, "train.lr": 3e-3, "train.amp": False,
+              "train.device": "cpu", "train.threads": 1}
+
+# Tiny models run faster on one thread than two; the stages under test set their own.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` of the data stages in a temporary git+dvc copy of the project."""
+"""End to end: `dvc repro` of the whole pipeline in a temporary git+dvc copy of the project."""
 
 import json
 import os
@@ -14,7 +14,11 @@ import yaml
 
 from tests.conftest import ROOT
 
-STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize"]
+STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate"]
+# A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
+TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff": 64, "model.context_length": 32,
+        "train.stride": 32, "eval.stride": 16, "train.batch_size": 8, "train.max_steps": 12, "train.max_epochs": 2,
+        "train.lr": 3.0e-3, "train.threads": 1}
 
 
 def run(cmd, cwd, **kw):
@@ -57,7 +61,7 @@ def make_project(dest: Path) -> Path:
     dvc("init", "-q", "--force", cwd=dest)
     dvc("config", "core.analytics", "false", cwd=dest)
     set_params(dest, **{"data.source": "tests/fixtures/tinystories", "data.fraction": 1.0,
-                        "tokenizer.vocab_size": 1000, "tokenize.chunk_stories": 50})
+                        "tokenizer.vocab_size": 1000, "tokenize.chunk_stories": 50, **TINY})
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "fixture project"], dest)
     return dest
@@ -92,31 +96,59 @@ def test_second_repro_runs_nothing_and_dag_shows_the_chain(project):
     names = dict(re.findall(r'(node\d+)\["(\w+)"\]', mermaid))
     edges = {(names[a], names[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", mermaid)}
     assert edges == {("download", "subsample"), ("subsample", "clean"), ("clean", "train_tokenizer"),
-                     ("clean", "tokenize"), ("train_tokenizer", "tokenize")}
+                     ("clean", "tokenize"), ("train_tokenizer", "tokenize"), ("tokenize", "train"),
+                     ("train", "evaluate"), ("tokenize", "evaluate")}
 
 
-def test_metrics_show_reads_clean_report(project):
-    shown = dvc("metrics", "show", "--json", cwd=project)
-    assert "stories_in" in shown
+def test_metrics_json_has_every_metric(project):
+    metrics = json.loads((project / "metrics" / "metrics.json").read_text())
+    keys = {"loss", "perplexity", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte"}
+    assert keys <= set(metrics) and keys <= set(metrics["val"]) and keys <= set(metrics["official_validation"])
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-5)
+    assert 0 <= metrics["top1_accuracy"] <= metrics["top5_accuracy"] <= metrics["top10_accuracy"] <= 1
+    assert metrics["loss"] < np.log(1000)  # a dozen steps already beat a uniform guess
+    summary = json.loads((project / "data" / "model" / "train.json").read_text())
+    assert metrics["n_params"] == summary["n_params"] and summary["global_step"] == 12
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project))
+    assert "stories_in" in json.dumps(shown) and "top5_accuracy" in json.dumps(shown)
+
+
+def test_plots_render_the_training_curves(project):
+    out = dvc("plots", "show", "--json", cwd=project)
+    for curve in ["train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]:
+        assert f"{curve}.tsv" in out
+
+
+def test_metrics_diff_shows_a_param_change(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run"], project)
+    set_params(project, **{"train.lr": 1.0e-3})
+    assert ran(dvc("repro", cwd=project)) == ["train", "evaluate"]
+    diff = json.loads(dvc("metrics", "diff", "--json", cwd=project))
+    changed = diff["metrics/metrics.json"]
+    assert changed["loss"]["diff"] != 0 and changed["top1_accuracy"]["old"] != changed["top1_accuracy"]["new"]
+    params_diff = json.loads(dvc("params", "diff", "--json", cwd=project))
+    assert (params_diff["params.yaml"]["train.lr"]["old"], params_diff["params.yaml"]["train.lr"]["new"]) == (0.003, 0.001)
+    run(["git", "checkout", "--", "."], project)
+    dvc("checkout", cwd=project)
 
 
 def test_a_param_change_reruns_only_what_depends_on_it(project):
     before = (project / "data" / "clean" / "train.parquet").read_bytes()
     set_params(project, **{"tokenizer.vocab_size": 900})
-    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize"]
+    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate"]
     assert (project / "data" / "clean" / "train.parquet").read_bytes() == before
     assert json.loads((project / "data" / "tokens" / "train.json").read_text())["vocab_size"] == 900
     set_params(project, **{"clean.min_chars": 500})
-    assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize"]
+    assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize", "train", "evaluate"]
+    set_params(project, **{"eval.stride": 8})
+    assert ran(dvc("repro", cwd=project)) == ["evaluate"]
 
 
 def test_rerun_from_scratch_gives_identical_artifacts(project, tmp_path):
-    """Same params and data, a fresh copy: every output hash in dvc.lock is the same."""
-    set_params(project, **{"tokenizer.vocab_size": 1000, "clean.min_chars": 100})
+    """Same params and data, a fresh copy: dvc.lock is the same, every hash, model weights included."""
     dvc("repro", cwd=project)
     other = make_project(tmp_path / "other")
+    shutil.copy(project / "params.yaml", other / "params.yaml")
     dvc("repro", cwd=other)
-    lock_a = yaml.safe_load((project / "dvc.lock").read_text())
-    lock_b = yaml.safe_load((other / "dvc.lock").read_text())
-    outs = lambda lock: {s: [(o["path"], o["md5"]) for o in v.get("outs", [])] for s, v in lock["stages"].items()}
-    assert outs(lock_a) == outs(lock_b)
+    assert (other / "dvc.lock").read_text() == (project / "dvc.lock").read_text()

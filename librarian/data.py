@@ -1,0 +1,74 @@
+"""Token files as training and evaluation data: memory-mapped, checked against their sidecar."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from librarian.errors import LibrarianError
+from librarian.rng import rng_for
+from librarian.tokens import DTYPE
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    tokens: np.ndarray  # read-only uint16 memmap
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+
+def load_tokens(path: str | Path) -> TokenFile:
+    """Memory-map `split.bin`, refusing a file that disagrees with its `split.json` sidecar."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if not path.exists() or not sidecar.exists():
+        raise LibrarianError(f"token file {path} or its sidecar {sidecar.name} is missing; run `dvc repro tokenize`")
+    try:
+        meta = json.loads(sidecar.read_text())
+        expected = int(meta["tokens"])
+    except (ValueError, KeyError, TypeError):
+        raise LibrarianError(f"sidecar {sidecar} is unreadable; rerun `dvc repro -f tokenize`") from None
+    size = path.stat().st_size
+    if size % np.dtype(DTYPE).itemsize:
+        raise LibrarianError(f"token file {path} has an odd byte length ({size}), so it is truncated; rerun `dvc repro -f tokenize`")
+    if size // 2 != expected:
+        raise LibrarianError(
+            f"token file {path} holds {size // 2} tokens but its sidecar says {expected}; rerun `dvc repro -f tokenize`"
+        )
+    if expected == 0:
+        raise LibrarianError(f"token file {path} is empty; the split needs stories")
+    return TokenFile(np.memmap(path, dtype=DTYPE, mode="r"), meta)
+
+
+class Windows:
+    """Autoregressive windows of context_length + 1 tokens, `stride` apart: input x and target y."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
+        self.tokens, self.context_length, self.stride = tokens, context_length, stride
+        if len(tokens) < context_length + 1:
+            raise LibrarianError(
+                f"a split of {len(tokens)} tokens is shorter than one window of model.context_length + 1 "
+                f"({context_length + 1}); use more data or a shorter context"
+            )
+        self.n = (len(tokens) - context_length - 1) // stride + 1
+        self._offsets = np.arange(context_length + 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.tokens[np.asarray(indices)[:, None] * self.stride + self._offsets].astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+    """The window order of one epoch: a fresh seeded shuffle that a resumed run can recompute."""
+    return rng_for(seed, f"epoch-{epoch}").permutation(n_windows)

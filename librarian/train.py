@@ -1,0 +1,392 @@
+"""The train stage: AdamW over sliding windows, validation every epoch, early stopping, resume.
+
+The defaults are the card's: AdamW at lr 1e-4, batch 32, no accumulation, bf16 autocast on the CPU
+(fp16 with a GradScaler on CUDA), early stopping after 5 epochs without a better validation loss,
+the last and the best checkpoint kept.
+
+Resume: the training state (weights, optimizer, GradScaler, RNG, data position, history) is saved
+atomically to a state folder that is *not* a DVC output, so DVC's clean-up before a rerun does not
+delete it. A rerun with the same params and data continues from it; on CPU it ends with weights
+bit-identical to an uninterrupted run. The state is deleted once the run has finished.
+
+Scale out: under `torchrun`, each rank takes its share of every global batch (gloo on CPU, nccl
+on CUDA), DDP averages the gradients, and only rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from librarian.checkpoint import load_state, load_weights, save_state, save_weights
+from librarian.config import Params, TrainParams
+from librarian.data import Windows, epoch_order, load_tokens
+from librarian.errors import LibrarianError
+from librarian.io import atomic_dir, write_json
+from librarian.model import GPT, GPTConfig
+
+# Keys that change how a run is carried out but not its result: a state saved under other values
+# of these is still resumable.
+_RESUME_NEUTRAL = ("checkpoint_every",)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    tokens_seen: int = 0
+    epoch_loss_sum: float = 0.0  # running train loss of the current epoch
+    epoch_loss_count: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    elapsed_s: float = 0.0
+    stop_reason: str = ""
+    history: list = field(default_factory=list)  # one record per finished epoch
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise LibrarianError(f"train.device is {name}, but this machine has no {name}; use train.device: auto or cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: GPT, tp: TrainParams) -> torch.optim.AdamW:
+    """AdamW; with decay_matrices_only, biases and norm gains are not decayed."""
+    if tp.decay_matrices_only:
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        others = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": matrices, "weight_decay": tp.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": tp.weight_decay}]
+    return torch.optim.AdamW(groups, lr=tp.lr, betas=(tp.beta1, tp.beta2), foreach=False)
+
+
+def lr_at(step: int, tp: TrainParams, total_steps: int) -> float:
+    """Learning rate of optimizer step `step`: linear warmup, then constant or cosine to min_lr."""
+    if tp.warmup_steps and step < tp.warmup_steps:
+        return tp.lr * (step + 1) / tp.warmup_steps
+    if tp.schedule == "constant":
+        return tp.lr
+    span = max(1, total_steps - tp.warmup_steps)
+    progress = min(1.0, (step - tp.warmup_steps) / span)
+    return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def fingerprint(params: Params, metas: list[dict]) -> str:
+    """What a resumable state must match: every param that shapes the result, and the data."""
+    train = {k: v for k, v in params.train.model_dump().items() if k not in _RESUME_NEUTRAL}
+    blob = json.dumps([params.seed, params.model.model_dump(), train, metas], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, params: Params, tokens_dir: Path, out_dir: Path, state_dir: Path, live_dir: Path, speed_dir: Path):
+        self.params, self.tp = params, params.train
+        self.out_dir, self.state_dir = Path(out_dir), Path(state_dir)
+        self.live_dir, self.speed_dir = Path(live_dir), Path(speed_dir)
+        self.rank, self.world = _init_distributed()
+        if self.tp.threads:
+            torch.set_num_threads(self.tp.threads)
+        self.device = pick_device(self.tp.device)
+        train, val = load_tokens(Path(tokens_dir) / "train.bin"), load_tokens(Path(tokens_dir) / "val.bin")
+        self.fingerprint = fingerprint(params, [train.meta, val.meta])
+        ctx = params.model.context_length
+        self.train_windows = Windows(train.tokens, ctx, self.tp.stride)
+        self.val_windows = Windows(val.tokens, ctx, ctx)
+        if self.tp.batch_size % self.world:
+            raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) must be divisible by the {self.world} processes")
+        self.steps_per_epoch = len(self.train_windows) // (self.tp.batch_size * self.tp.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise LibrarianError(
+                f"the train split has {len(self.train_windows)} windows, fewer than one optimizer step "
+                f"(train.batch_size x train.grad_accum = {self.tp.batch_size * self.tp.grad_accum}); use more data or a smaller batch"
+            )
+        self.tokens_per_step = self.tp.batch_size * self.tp.grad_accum * ctx
+        torch.manual_seed(params.seed)
+        self.model = GPT(GPTConfig.from_params(params.model, vocab_size=train.vocab_size)).to(self.device)
+        self.optimizer = build_optimizer(self.model, self.tp)
+        # bf16 autocast on the CPU needs no loss scaling; fp16 on CUDA does.
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.tp.amp and self.device.type == "cuda")
+        self.net = self._wrap(self.model)
+        self.progress = Progress()
+        self.total_steps = self._planned_steps()
+
+    def _wrap(self, model: GPT) -> torch.nn.Module:
+        net = model
+        if self.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.tp.compile:
+            net = torch.compile(net)
+        return net
+
+    def _planned_steps(self) -> int:
+        steps = self.steps_per_epoch * self.tp.max_epochs
+        if self.tp.max_steps:
+            steps = min(steps, self.tp.max_steps)
+        if self.tp.max_tokens:
+            steps = min(steps, math.ceil(self.tp.max_tokens / self.tokens_per_step))
+        return steps
+
+    # --- checkpoints ---
+
+    def resume(self) -> bool:
+        state_file = self.state_dir / "state.pt"
+        if not state_file.exists():
+            return False
+        state = load_state(state_file)
+        if state.get("fingerprint") != self.fingerprint:
+            self._log("train: saved training state is for other params or data; starting afresh")
+            return False
+        self.model.load_state_dict(load_weights(self.state_dir / "last.safetensors").state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.progress = Progress(**json.loads(state["progress"]))
+        p = self.progress
+        self._log(f"train: resuming at epoch {p.epoch + 1}, step {p.step_in_epoch}/{self.steps_per_epoch} ({p.global_step} steps done)")
+        return True
+
+    def checkpoint(self) -> None:
+        """Save the whole training state atomically (rank 0 only)."""
+        if self.rank == 0:
+            state = {
+                "fingerprint": self.fingerprint,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+                "schedule": {"step": self.progress.global_step, "lr": lr_at(self.progress.global_step, self.tp, self.total_steps)},
+                # Plain JSON text: loads under weights_only=True whatever the history holds.
+                "progress": json.dumps(asdict(self.progress)),
+            }
+            keep = self.state_dir / "best.safetensors"
+            with atomic_dir(self.state_dir) as tmp:
+                save_weights(self.model, tmp / "last.safetensors")
+                if keep.exists():
+                    shutil.copyfile(keep, tmp / "best.safetensors")
+                save_state(state, tmp / "state.pt")
+        self._barrier()
+
+    # --- steps ---
+
+    def train_step(self, order: np.ndarray) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
+        p, tp = self.progress, self.tp
+        lr = lr_at(p.global_step, tp, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        share = tp.batch_size // self.world
+        first = p.step_in_epoch * tp.batch_size * tp.grad_accum
+        losses = []
+        for micro in range(tp.grad_accum):
+            start = first + micro * tp.batch_size + self.rank * share
+            x, y = (t.to(self.device) for t in self.train_windows.batch(order[start : start + share]))
+            sync = micro == tp.grad_accum - 1 or self.world == 1
+            with self._no_sync(not sync), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=tp.amp):
+                _, loss = self.net(x, y)
+            self.scaler.scale(loss / tp.grad_accum).backward()
+            losses.append(loss.detach())
+        if tp.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tp.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.stack(losses).mean()
+        if self.world > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        """Mean cross-entropy over the non-overlapping validation windows, in float32."""
+        self.model.eval()
+        n, batch = len(self.val_windows), self.params.eval.batch_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(self.rank * batch, n, batch * self.world):
+            x, y = (t.to(self.device) for t in self.val_windows.batch(np.arange(start, min(start + batch, n))))
+            _, loss = self.model(x, y)
+            total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def run(self) -> Progress:
+        self.resume()
+        p, tp = self.progress, self.tp
+        live = _Curves(self.live_dir, self.speed_dir, p.history) if self.rank == 0 else None
+        self.model.train()
+        while p.epoch < tp.max_epochs and not p.stop_reason:
+            order = epoch_order(len(self.train_windows), self.params.seed, p.epoch)
+            started, steps_before = time.perf_counter(), p.step_in_epoch
+            bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}",
+                       unit="step", disable=self.rank != 0)
+            while p.step_in_epoch < self.steps_per_epoch and not p.stop_reason:
+                loss = self.train_step(order)
+                p.step_in_epoch += 1
+                p.global_step += 1
+                p.tokens_seen += self.tokens_per_step
+                p.epoch_loss_sum += loss
+                p.epoch_loss_count += 1
+                p.stop_reason = self._cap_reached()
+                elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(p.step_in_epoch - steps_before) * self.tokens_per_step / elapsed:,.0f}")
+                if tp.checkpoint_every and p.global_step % tp.checkpoint_every == 0 and not p.stop_reason:
+                    p.elapsed_s += time.perf_counter() - started
+                    started, steps_before = time.perf_counter(), p.step_in_epoch
+                    self.checkpoint()
+            bar.close()
+            epoch_s = time.perf_counter() - started
+            p.elapsed_s += epoch_s
+            self._end_epoch((p.step_in_epoch - steps_before) * self.tokens_per_step / max(epoch_s, 1e-9), live)
+        if not p.stop_reason:
+            p.stop_reason = "max_epochs"
+        self._finish()
+        if live:
+            live.end()
+        return p
+
+    def _end_epoch(self, tokens_per_s: float, live) -> None:
+        p = self.progress
+        val = self.val_loss()
+        if not math.isfinite(val):
+            raise LibrarianError(f"training diverged at epoch {p.epoch + 1} (val loss {val}); lower train.lr or set train.grad_clip")
+        record = {
+            "epoch": p.epoch + 1, "step": p.global_step, "tokens_seen": p.tokens_seen,
+            "train_loss": p.epoch_loss_sum / max(1, p.epoch_loss_count), "val_loss": val,
+            "lr": lr_at(max(0, p.global_step - 1), self.tp, self.total_steps),
+            "tokens_per_s": tokens_per_s, "elapsed_s": p.elapsed_s,
+        }
+        p.history.append(record)
+        if val < p.best_val_loss:
+            p.best_val_loss, p.best_epoch, p.bad_epochs = val, p.epoch + 1, 0
+            if self.rank == 0:
+                save_weights(self.model, self.state_dir / "best.safetensors")
+        else:
+            p.bad_epochs += 1
+            if p.bad_epochs >= self.tp.patience and not p.stop_reason:
+                p.stop_reason = "early_stopping"
+        p.epoch += 1
+        p.step_in_epoch, p.epoch_loss_sum, p.epoch_loss_count = 0, 0.0, 0
+        if live:
+            live.log(record)
+        self._log(f"train: epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val:.4f}"
+                  f"{' (best)' if p.best_epoch == record['epoch'] else ''}, {tokens_per_s:,.0f} tokens/s")
+        self.checkpoint()
+
+    def _cap_reached(self) -> str:
+        p, tp = self.progress, self.tp
+        if tp.max_steps and p.global_step >= tp.max_steps:
+            return "max_steps"
+        if tp.max_tokens and p.tokens_seen >= tp.max_tokens:
+            return "max_tokens"
+        return ""
+
+    def _finish(self) -> None:
+        """Publish the best and last weights and a summary as the stage's outputs; drop the state."""
+        if self.rank == 0:
+            p = self.progress
+            summary = {k: v for k, v in asdict(p).items() if k not in ("history", "elapsed_s", "step_in_epoch",
+                                                                          "epoch_loss_sum", "epoch_loss_count")}
+            summary.update(n_params=self.model.n_params(), steps_per_epoch=self.steps_per_epoch,
+                           config=self.model.config.to_dict())
+            with atomic_dir(self.out_dir) as tmp:
+                shutil.copyfile(self.state_dir / "best.safetensors", tmp / "model.safetensors")
+                save_weights(self.model, tmp / "last.safetensors")
+                write_json(tmp / "train.json", summary)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self._barrier()
+
+    def _no_sync(self, skip_sync: bool):
+        return self.net.no_sync() if skip_sync and hasattr(self.net, "no_sync") else contextlib.nullcontext()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+
+class _Curves:
+    """Per-epoch curves through dvclive, replaying the saved history first after a resume.
+
+    Two folders: the result curves (losses, learning rate, tokens seen) are a DVC output and
+    identical for identical runs; the speed curves (tokens/s, elapsed time) differ from run to
+    run, so they are kept out of dvc.lock, or no two runs could have the same lock file.
+    DVC deletes its outputs before a rerun, so a resumed run writes the curves again from its
+    checkpoint: the files come out as if the run had never stopped.
+    """
+
+    RESULTS = ("train_loss", "val_loss", "lr", "tokens_seen")
+    SPEED = ("tokens_per_s", "elapsed_s")
+
+    def __init__(self, results_dir: Path, speed_dir: Path, history: list[dict]):
+        from dvclive import Live
+
+        self.lives = [(Live(str(d), dvcyaml=None, save_dvc_exp=False, report=None), names)
+                      for d, names in ((results_dir, self.RESULTS), (speed_dir, self.SPEED))]
+        for record in history:
+            self.log(record)
+
+    def log(self, record: dict) -> None:
+        for live, names in self.lives:
+            live.step = record["epoch"]  # x axis: epochs, from 1
+            for name in names:
+                # No timestamps: they would make identical runs produce different files.
+                live.log_metric(name, record[name], timestamp=False)
+            live.next_step()
+
+    def end(self) -> None:
+        for live, _ in self.lives:
+            live.end()
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def train(params: Params, tokens_dir: Path, out_dir: Path, state_dir: Path, live_dir: Path, speed_dir: Path) -> Progress:
+    return Trainer(params, tokens_dir, out_dir, state_dir, live_dir, speed_dir).run()
