@@ -225,7 +225,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.stack(losses).mean()
         if self.world > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            dist.all_reduce(loss)  # gloo has no AVG
+            loss = loss / self.world
         return loss.item()
 
     @torch.no_grad()

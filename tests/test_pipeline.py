@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -152,3 +153,37 @@ def test_rerun_from_scratch_gives_identical_artifacts(project, tmp_path):
     shutil.copy(project / "params.yaml", other / "params.yaml")
     dvc("repro", cwd=other)
     assert (other / "dvc.lock").read_text() == (project / "dvc.lock").read_text()
+
+
+def model_hash(project: Path) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "data/model")
+
+
+def test_killed_training_resumes_under_dvc_repro_bit_identical(project):
+    """kill -9 the train stage mid-run; the next `dvc repro` resumes and ends with the same weights."""
+    import psutil
+
+    set_params(project, **{"train.max_steps": 90, "train.checkpoint_every": 5})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = project / "data" / "train_state" / "state.pt"
+    stage = None
+    for _ in range(6000):  # up to 60 s for the stage to write its first checkpoint
+        stage = stage or next((p for p in psutil.Process(repro.pid).children(recursive=True)
+                               if "stages.train" in " ".join(p.cmdline())), None)
+        if stage and state.exists():
+            break
+        assert repro.poll() is None, "the stage finished before it could be killed"
+        time.sleep(0.01)
+    stage.kill()  # SIGKILL: no handler runs, nothing gets tidied up
+    output, _ = repro.communicate(timeout=120)
+    assert repro.returncode != 0 and state.exists()
+
+    resumed = dvc("repro", cwd=project)
+    assert "train: resuming at epoch 1, step" in resumed
+    assert not state.parent.exists()
+    after_kill = model_hash(project)
+    dvc("repro", "-f", "-s", "train", cwd=project)  # the same run, uninterrupted
+    assert model_hash(project) == after_kill
