@@ -14,19 +14,10 @@ from librarian.errors import LibrarianError
 from librarian.evaluate import evaluate_model, metrics_from_counts, score_tokens, scored_batches, window_plan
 from librarian.model import GPT, GPTConfig
 from stages.evaluate import main as evaluate_stage
-from tests.conftest import set_dotted
+from tests.conftest import set_dotted, write_tokens
 
 TINY = GPTConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.0)
 METRIC_KEYS = {"loss", "perplexity", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte", "tokens"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: a second thread only adds synchronisation (10-100x slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # (n_tokens, context_length, stride): stride == ctx, stride 1, lengths not aligned to the stride,
@@ -165,12 +156,7 @@ def test_metrics_refuse_empty_counts():
 
 
 def write_split(tokens_dir, split, tokens, vocab_size=64, utf8_bytes=None):
-    tokens = np.asarray(tokens, dtype=np.uint16)
-    tokens_dir.mkdir(parents=True, exist_ok=True)
-    tokens.tofile(tokens_dir / f"{split}.bin")
-    meta = {"tokens": len(tokens), "stories": 3, "utf8_bytes": utf8_bytes or 4 * len(tokens)}
-    meta |= {"vocab_size": vocab_size, "dtype": "uint16", "eot_id": 0, "tokenizer_sha256": "x", "split": split}
-    (tokens_dir / f"{split}.json").write_text(json.dumps(meta))
+    write_tokens(tokens_dir, split, tokens, vocab_size, utf8_bytes)
 
 
 @pytest.fixture
