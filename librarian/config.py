@@ -126,6 +126,7 @@ class TrainParams(Section):
     min_lr: Annotated[float, Field(ge=0)]
     grad_clip: Annotated[float, Field(ge=0)]
     compile: bool
+    fused_loss: bool
     max_steps: Annotated[int, Field(ge=0)]
     max_tokens: Annotated[int, Field(ge=0)]
     checkpoint_every: Annotated[int, Field(ge=0)]

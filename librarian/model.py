@@ -156,8 +156,8 @@ class GPT(nn.Module):
         """Parameter count with the tied embedding/head counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, d_model) that the output head reads."""
         T = idx.size(1)
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
@@ -167,7 +167,11 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy."""
+        logits = self.lm_head(self.hidden(idx))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

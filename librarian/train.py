@@ -34,6 +34,7 @@ from librarian.checkpoint import load_state, load_weights, save_state, save_weig
 from librarian.config import Params, TrainParams
 from librarian.data import Windows, epoch_order, load_tokens
 from librarian.errors import LibrarianError
+from librarian.fused_loss import linear_cross_entropy
 from librarian.io import atomic_dir, write_json
 from librarian.model import GPT, GPTConfig
 
@@ -105,6 +106,29 @@ def fingerprint(params: Params, metas: list[dict]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class TrainingLoss(torch.nn.Module):
+    """What a training step differentiates: the model's mean cross-entropy on a batch.
+
+    A module of its own so that DDP and torch.compile wrap exactly this. With `fused`, the output
+    head and the loss are computed chunk by chunk (librarian/fused_loss.py): same maths, faster.
+    """
+
+    def __init__(self, model: GPT, fused: bool, compile: bool):
+        super().__init__()
+        self.model, self.fused = model, fused
+        self.body = _compiled(model.hidden if fused else model) if compile else (model.hidden if fused else model)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return linear_cross_entropy(self.body(x), self.model.lm_head.weight, y)
+        return self.body(x, y)[1]
+
+
+def _compiled(fn):
+    # Dropout masks from ATen's bernoulli_: on the CPU, Inductor's own random kernel is slower.
+    return torch.compile(fn, options={"fallback_random": True})
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -142,11 +166,9 @@ class Trainer:
         self.total_steps = self._planned_steps()
 
     def _wrap(self, model: GPT) -> torch.nn.Module:
-        net = model
+        net = TrainingLoss(model, fused=self.tp.fused_loss, compile=self.tp.compile)
         if self.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        if self.tp.compile:
-            net = torch.compile(net)
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
         return net
 
     def _planned_steps(self) -> int:
@@ -214,7 +236,7 @@ class Trainer:
             x, y = (t.to(self.device) for t in self.train_windows.batch(order[start : start + share]))
             sync = micro == tp.grad_accum - 1 or self.world == 1
             with self._no_sync(not sync), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=tp.amp):
-                _, loss = self.net(x, y)
+                loss = self.net(x, y)
             self.scaler.scale(loss / tp.grad_accum).backward()
             losses.append(loss.detach())
         if tp.grad_clip:

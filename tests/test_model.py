@@ -69,3 +69,24 @@ def test_any_depth_width_and_context():
     model = GPT(GPTConfig(vocab_size=100, context_length=64, n_layer=5, n_head=8, d_model=64, d_ff=96, dropout=0.1))
     logits, loss = model(torch.randint(0, 100, (2, 64)), torch.randint(0, 100, (2, 64)))
     assert logits.shape == (2, 64, 100) and loss.item() > 0
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_loss_equals_head_plus_cross_entropy(amp):
+    from librarian.fused_loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "vocab_size": 300}))
+    x, y = torch.randint(0, 300, (3, 12)), torch.randint(0, 300, (3, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        _, plain = model(x, y)
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        fused = linear_cross_entropy(model.hidden(x), model.lm_head.weight, y, chunk=7)  # chunks that do not divide
+    fused.backward()
+    tolerance = dict(rtol=2e-2, atol=1e-4) if amp else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused, plain, **tolerance)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], **tolerance, msg=name)

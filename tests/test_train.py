@@ -148,7 +148,7 @@ def test_grad_accum_and_options_run(tiny, tokens_dir, tmp_path):
     options = {"train.grad_accum": 2, "train.batch_size": 4, "train.schedule": "cosine", "train.warmup_steps": 3,
                "train.min_lr": 1e-4, "train.grad_clip": 1.0, "train.decay_matrices_only": True, "train.amp": True,
                "model.attention": "sdpa", "model.position": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu",
-               "train.max_epochs": 1}
+               "train.max_epochs": 1, "train.fused_loss": True}
     progress = run(tiny(**options), tokens_dir, tmp_path)
     assert math.isfinite(progress.best_val_loss)
 
@@ -169,3 +169,17 @@ def test_too_little_data_is_a_clear_error(tiny, tmp_path):
     write_tokens(d, "val", stories(2, seed=2), VOCAB)
     with pytest.raises(LibrarianError, match="fewer than one optimizer step"):
         run(tiny(), d, tmp_path)
+
+
+def test_fused_loss_trains_like_the_plain_loss(tiny, tokens_dir, tmp_path):
+    """Same maths: in fp32 the two paths follow the same curve to float rounding."""
+    plain = run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "plain")
+    fused = run(tiny(**{"train.max_epochs": 2, "train.fused_loss": True}), tokens_dir, tmp_path / "fused")
+    for a, b in zip(plain.history, fused.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
+def test_compiled_training_runs(tiny, tokens_dir, tmp_path):
+    progress = run(tiny(**{"train.max_steps": 3, "train.compile": True, "train.fused_loss": True}), tokens_dir, tmp_path)
+    assert progress.global_step == 3 and math.isfinite(progress.best_val_loss)
