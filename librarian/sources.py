@@ -85,7 +85,7 @@ def _download_hub(source: str, out_dir: Path) -> dict:
             column = _text_field(ds.column_names, f"hub dataset {name}")
             ds = ds.select_columns([column]).rename_columns({column: "text"}) if column != "text" else ds.select_columns(["text"])
             # Streams in record batches: the full train split (about 2 GB of text) never sits in memory.
-            ds.to_parquet(str(tmp / f"{split}.parquet"), compression="zstd")
+            ds.to_parquet(str(tmp / f"{split}.parquet"))
             manifest["splits"][split] = {"stories": ds.num_rows, "fingerprint": ds._fingerprint}
         write_json(tmp / "manifest.json", manifest)
     return manifest

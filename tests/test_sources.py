@@ -158,3 +158,29 @@ def test_unreachable_hub_fails_in_one_line_with_the_offline_hint(tmp_path):
     assert lines[0].startswith("error: cannot load roneneldan/TinyStories from the Hugging Face hub")
     assert "point data.source in params.yaml at a local copy" in lines[0]
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_hub_source_writes_both_splits(tmp_path, monkeypatch):
+    """The hub path end to end, with datasets.load_dataset answering from memory instead of the hub."""
+    import datasets
+
+    calls = {}
+
+    def fake_load_dataset(name, revision=None):
+        calls.update(name=name, revision=revision)
+        return datasets.DatasetDict({
+            "train": datasets.Dataset.from_dict({"text": STORIES}),
+            "validation": datasets.Dataset.from_dict({"text": ["A validation story."]}),
+        })
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    manifest = download("hf:roneneldan/TinyStories@main", tmp_path / "raw")
+    assert calls == {"name": "roneneldan/TinyStories", "revision": "main"}
+    assert read_stories(tmp_path / "raw" / "train.parquet") == STORIES
+    assert read_stories(tmp_path / "raw" / "validation.parquet") == ["A validation story."]
+    assert manifest["splits"]["train"]["stories"] == 3 and manifest["kind"] == "hub"
+
+
+def test_malformed_hub_name_is_refused(tmp_path):
+    with pytest.raises(LibrarianError, match="hf:<owner>/<name>"):
+        download("hf:not a name", tmp_path / "raw")
