@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from librarian.errors import LibrarianError
+from librarian.generate import Generator, Sampling, TextStream, filter_logits, generate_ids, next_token, window_start
+from librarian.model import GPT, GPTConfig
+
+CTX = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, dropout=0.1)).eval()
+
+
+@pytest.mark.parametrize("options", [{}, {"attention": "sdpa"}, {"position": "rope"}])
+@pytest.mark.parametrize("new_tokens", [5, 60])  # within the context, and far past it (sliding window)
+def test_kv_cache_gives_the_same_tokens_as_the_uncached_path(options, new_tokens):
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, **options))
+    prompt = [3, 1, 4, 1, 5]
+    greedy = Sampling(temperature=0)
+    cached = list(generate_ids(m, prompt, new_tokens, greedy, use_cache=True))
+    uncached = list(generate_ids(m, prompt, new_tokens, greedy, use_cache=False))
+    assert cached == uncached and len(cached) == new_tokens
+    sampled = [list(generate_ids(m, prompt, new_tokens, Sampling(0.9, 10, 0.9), seed=5, use_cache=c)) for c in (True, False)]
+    assert sampled[0] == sampled[1]
+
+
+def test_cached_logits_match_a_full_forward(model):
+    x = torch.randint(0, 40, (1, CTX))
+    full, _ = model(x)
+    cache = model.new_cache()
+    first, _ = model(x[:, :10], cache=cache)
+    steps = [model(x[:, t : t + 1], cache=cache)[0] for t in range(10, CTX)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_window_jumps_by_half_a_context():
+    assert window_start(16, 0, 16) == 0
+    assert window_start(17, 0, 16) == 9  # full: keep the last half context
+    assert window_start(20, 9, 16) == 9
+    assert window_start(26, 9, 16) == 18
+
+
+def test_prompt_longer_than_the_context_keeps_its_end(model):
+    long_prompt = list(range(1, 40)) * 3
+    greedy = Sampling(temperature=0)
+    assert list(generate_ids(model, long_prompt, 8, greedy)) == list(generate_ids(model, long_prompt[-CTX:], 8, greedy))
+
+
+def test_top_k_one_is_greedy(model):
+    prompt = [7, 8, 9]
+    greedy = list(generate_ids(model, prompt, 20, Sampling(temperature=0)))
+    for seed in range(3):
+        assert list(generate_ids(model, prompt, 20, Sampling(temperature=1.3, top_k=1), seed=seed)) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = lambda p: torch.isfinite(filter_logits(logits, Sampling(top_p=p))).tolist()
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.51) == [True, True, False, False]
+    assert kept(0.8) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+
+
+def test_top_k_and_top_p_compose():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    kept = torch.isfinite(filter_logits(logits, Sampling(top_k=2, top_p=0.95))).tolist()
+    assert kept == [True, True, False, False]  # top-k cut first, then the nucleus of what is left
+
+
+def test_temperature_scales_the_logits():
+    logits = torch.tensor([1.0, 2.0, 4.0])
+    torch.testing.assert_close(filter_logits(logits, Sampling(temperature=2.0)), logits / 2)
+    hot = filter_logits(logits, Sampling(temperature=5.0)).softmax(-1)
+    cold = filter_logits(logits, Sampling(temperature=0.5)).softmax(-1)
+    assert hot.max() < logits.softmax(-1).max() < cold.max()
+
+
+def test_same_seed_same_tokens_other_seed_differs(model):
+    run = lambda seed: list(generate_ids(model, [1, 2, 3], 30, Sampling(temperature=1.0), seed=seed))
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_stops_at_a_stop_id(model):
+    greedy = list(generate_ids(model, [1, 2], 10, Sampling(temperature=0)))
+    stop = greedy[3]
+    cut = list(generate_ids(model, [1, 2], 10, Sampling(temperature=0), stop_ids=(stop,)))
+    assert cut == greedy[: greedy.index(stop)]
+
+
+@pytest.mark.parametrize("bad,message", [(dict(temperature=-0.1), "temperature must be >= 0"),
+                                         (dict(top_p=0.0), r"top-p must be in \(0, 1\]"),
+                                         (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
+                                         (dict(top_k=-1), "top-k must be a whole number >= 0")])
+def test_invalid_sampling_values(bad, message):
+    with pytest.raises(LibrarianError, match=message):
+        Sampling(**bad)
+
+
+def test_empty_prompt_is_refused(model):
+    with pytest.raises(LibrarianError, match="prompt is empty"):
+        list(generate_ids(model, [], 5))
+
+
+def test_text_stream_holds_back_split_characters_and_stop_strings():
+    # A fake byte-level decoder: token i is byte i.
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")
+    stream = TextStream(decode, stop_strings=("User:",))
+    pieces = [stream.push(b) for b in "Hé! Us".encode()]
+    assert "".join(pieces) == "Hé! "  # "é" released only when whole; "Us" held: it may become "User:"
+    assert [stream.push(b) for b in "er: more".encode()][-1] == ""
+    assert stream.stopped and stream.finish() == ""
+    other = TextStream(decode, stop_strings=("User:",))
+    assert "".join(other.push(b) for b in "Use it".encode()) + other.finish() == "Use it"
+
+
+def test_generator_streams_text_with_a_real_tokenizer(tmp_path, make_params):
+    from librarian.tokenizer import train_tokenizer
+    from tests.conftest import fixture_stories
+
+    tokenizer = train_tokenizer(fixture_stories()[:100], make_params().tokenizer.model_copy(update={"vocab_size": 400}))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), context_length=32, n_layer=1, n_head=2, d_model=16, d_ff=32))
+    gen = Generator(model, tokenizer)
+    pieces = list(gen.stream("Once upon a time", max_new_tokens=40, sampling=Sampling(0.8, 50, 0.95), seed=3))
+    assert len(pieces) > 1  # streamed, not delivered at the end
+    assert "".join(pieces) == gen.complete("Once upon a time", max_new_tokens=40, sampling=Sampling(0.8, 50, 0.95), seed=3)
