@@ -144,6 +144,15 @@ class EvalParams(Section):
     batch_size: PositiveInt
 
 
+class SamplesParams(Section):
+    prompts: list[Annotated[str, Field(min_length=1)]]
+    max_new_tokens: PositiveInt
+    temperature: Annotated[float, Field(ge=0)]
+    top_k: Annotated[int, Field(ge=0)]
+    top_p: Annotated[float, Field(gt=0, le=1)]
+    seed: Annotated[int, Field(ge=0)]
+
+
 class Params(Section):
     seed: Annotated[int, Field(ge=0)]
     data: DataParams
@@ -153,6 +162,7 @@ class Params(Section):
     model: ModelParams
     train: TrainParams
     eval: EvalParams
+    samples: SamplesParams
 
     @model_validator(mode="after")
     def _strides_fit_context(self):
