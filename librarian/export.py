@@ -41,8 +41,8 @@ def export_hf(model_path: str | Path, tokenizer_path: str | Path, out_dir: str |
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise LibrarianError(
-            f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model only {config.vocab_size}; "
-            "export the tokenizer the model was trained with"
+            f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size()} tokens but the model only "
+            f"{config.vocab_size}; export the tokenizer the model was trained with"
         )
     hf_model = to_gpt2(model, tokenizer, transformers)
     hf_tokenizer = to_fast_tokenizer(tokenizer, config, transformers)
@@ -54,7 +54,8 @@ def export_hf(model_path: str | Path, tokenizer_path: str | Path, out_dir: str |
 
 
 def check_exportable(config: GPTConfig) -> None:
-    unsupported = [f"{field}={getattr(config, field)}" for field, ok in EXPORTABLE.items() if getattr(config, field) != ok]
+    options = config.to_dict()
+    unsupported = [f"{field}={options[field]}" for field, ok in EXPORTABLE.items() if options[field] != ok]
     if unsupported:
         raise LibrarianError(
             f"cannot export a model with {', '.join(unsupported)}: GPT-2 cannot express it; only the default "
@@ -66,7 +67,9 @@ def import_transformers():
     try:
         import transformers
     except ImportError:
-        raise LibrarianError("exporting needs transformers; install it with `pip install 'librarian[export]'`") from None
+        raise LibrarianError(
+            "exporting needs transformers, which is not installed; install it with `pip install 'librarian[export]'`"
+        ) from None
     return transformers
 
 
@@ -136,6 +139,6 @@ def to_fast_tokenizer(tokenizer, config: GPTConfig, transformers):
         # Byte-level BPE encodes any text, so there is no unknown token.
         extra_special_tokens=[t for t in specials if t not in REQUIRED_SPECIAL_TOKENS],
         model_max_length=config.context_length,
-        # transformers' clean-up would rewrite " ." as "." and break decode(encode(text)) == text.
+        # Clean-up would rewrite " ." as "." and break decode(encode(text)) == text (5.x skips it for BPE, and warns).
         clean_up_tokenization_spaces=False,
     )

@@ -91,11 +91,12 @@ def generate_ids(
                 feed = ids[new_start:]
             else:
                 feed = ids[-1:]
-            logits, _ = model(torch.tensor([feed], device=device), cache=cache)
+            hidden = model.hidden(torch.tensor([feed], device=device), cache)
         else:
-            logits, _ = model(torch.tensor([ids[new_start:]], device=device))
+            hidden = model.hidden(torch.tensor([ids[new_start:]], device=device))
         start = new_start
-        token = next_token(logits[0, -1].cpu(), sampling, generator)
+        # Only the last position's logits are needed: skip the output head everywhere else.
+        token = next_token(model.lm_head(hidden[0, -1]).cpu(), sampling, generator)
         if token in stop_ids:
             return
         ids.append(token)
