@@ -10,6 +10,7 @@ very same windows, so both give the same tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ class Sampling:
     top_p: float = 1.0  # 1: off
 
     def __post_init__(self):
-        if not self.temperature >= 0:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise LibrarianError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise LibrarianError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k}")
@@ -38,7 +39,8 @@ class Sampling:
 
 def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """Temperature-scaled logits (..., V) with everything outside top-k and top-p set to -inf."""
-    logits = logits.float() / sampling.temperature
+    # Shifted so the largest logit is 0: a tiny temperature then gives -inf, never inf - inf = nan.
+    logits = (logits.float() - logits.float().max(-1, keepdim=True).values) / sampling.temperature
     if sampling.top_k and sampling.top_k < logits.size(-1):
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -107,7 +109,8 @@ class TextStream:
     """Turn a stream of token ids into text pieces, safe at UTF-8 and stop-string boundaries.
 
     A byte-level BPE token can end mid-character, and a stop string ("User:") can arrive over
-    several tokens: a piece is only released once neither can still change it.
+    several tokens: a piece is only released once neither can still change it. Each push decodes
+    the whole reply so far: quadratic, but microseconds at the lengths a reply has.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...] = ()):
@@ -136,7 +139,10 @@ class TextStream:
 
     def finish(self) -> str:
         """Whatever was held back, once generation has ended without a stop string."""
-        return "" if self.stopped else self._release(self.decode(self.ids), len(self.decode(self.ids)))
+        if self.stopped:
+            return ""
+        text = self.decode(self.ids)
+        return self._release(text, len(text))
 
     def _release(self, text: str, end: int) -> str:
         piece = text[self.released : max(end, self.released)]

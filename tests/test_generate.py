@@ -75,7 +75,9 @@ def test_top_k_and_top_p_compose():
 
 def test_temperature_scales_the_logits():
     logits = torch.tensor([1.0, 2.0, 4.0])
-    torch.testing.assert_close(filter_logits(logits, Sampling(temperature=2.0)), logits / 2)
+    torch.testing.assert_close(filter_logits(logits, Sampling(temperature=2.0)), (logits - 4.0) / 2)
+    tiny = filter_logits(logits, Sampling(temperature=1e-40)).softmax(-1)  # no overflow to nan
+    assert tiny.tolist() == [0.0, 0.0, 1.0]
     hot = filter_logits(logits, Sampling(temperature=5.0)).softmax(-1)
     cold = filter_logits(logits, Sampling(temperature=0.5)).softmax(-1)
     assert hot.max() < logits.softmax(-1).max() < cold.max()
@@ -97,7 +99,8 @@ def test_stops_at_a_stop_id(model):
 @pytest.mark.parametrize("bad,message", [(dict(temperature=-0.1), "temperature must be >= 0"),
                                          (dict(top_p=0.0), r"top-p must be in \(0, 1\]"),
                                          (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
-                                         (dict(top_k=-1), "top-k must be a whole number >= 0")])
+                                         (dict(top_k=-1), "top-k must be a whole number >= 0"),
+                                         (dict(temperature=float("inf")), "temperature must be >= 0")])
 def test_invalid_sampling_values(bad, message):
     with pytest.raises(LibrarianError, match=message):
         Sampling(**bad)

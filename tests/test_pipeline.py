@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate"]
+STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples"]
 # A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
 TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff": 64, "model.context_length": 32,
         "train.stride": 32, "eval.stride": 16, "train.batch_size": 8, "train.max_steps": 12, "train.max_epochs": 2,
@@ -98,7 +98,8 @@ def test_second_repro_runs_nothing_and_dag_shows_the_chain(project):
     edges = {(names[a], names[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", mermaid)}
     assert edges == {("download", "subsample"), ("subsample", "clean"), ("clean", "train_tokenizer"),
                      ("clean", "tokenize"), ("train_tokenizer", "tokenize"), ("tokenize", "train"),
-                     ("train", "evaluate"), ("tokenize", "evaluate")}
+                     ("train", "evaluate"), ("tokenize", "evaluate"), ("train", "samples"),
+                     ("train_tokenizer", "samples")}
 
 
 def test_metrics_json_has_every_metric(project):
@@ -114,6 +115,12 @@ def test_metrics_json_has_every_metric(project):
     assert "stories_in" in json.dumps(shown) and "top5_accuracy" in json.dumps(shown)
 
 
+def test_samples_are_written_for_every_prompt(project):
+    samples = (project / "metrics" / "samples.md").read_text()
+    for prompt in yaml.safe_load((project / "params.yaml").read_text())["samples"]["prompts"]:
+        assert prompt.splitlines()[0] in samples
+
+
 def test_plots_render_the_training_curves(project):
     out = dvc("plots", "show", "--json", cwd=project)
     for curve in ["train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]:
@@ -124,7 +131,8 @@ def test_metrics_diff_shows_a_param_change(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline run"], project)
     set_params(project, **{"train.lr": 1.0e-3})
-    assert ran(dvc("repro", cwd=project)) == ["train", "evaluate"]
+    assert ran(dvc("repro", cwd=project)) == ["train", "evaluate", "samples"]
+    assert "metrics/samples.md" in json.dumps(json.loads(dvc("diff", "--json", cwd=project))["modified"])
     diff = json.loads(dvc("metrics", "diff", "--json", cwd=project))
     changed = diff["metrics/metrics.json"]
     assert changed["loss"]["diff"] != 0 and changed["top1_accuracy"]["old"] != changed["top1_accuracy"]["new"]
@@ -137,11 +145,11 @@ def test_metrics_diff_shows_a_param_change(project):
 def test_a_param_change_reruns_only_what_depends_on_it(project):
     before = (project / "data" / "clean" / "train.parquet").read_bytes()
     set_params(project, **{"tokenizer.vocab_size": 900})
-    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate"]
+    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate", "samples"]
     assert (project / "data" / "clean" / "train.parquet").read_bytes() == before
     assert json.loads((project / "data" / "tokens" / "train.json").read_text())["vocab_size"] == 900
     set_params(project, **{"clean.min_chars": 500})
-    assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize", "train", "evaluate"]
+    assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples"]
     set_params(project, **{"eval.stride": 8})
     assert ran(dvc("repro", cwd=project)) == ["evaluate"]
 

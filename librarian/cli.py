@@ -1,0 +1,162 @@
+"""The `librarian` command: continue a prompt, chat, or export a trained model.
+
+    librarian generate --prompt "Once upon a time" [--temperature 0.8 --top-k 50 --top-p 0.95 ...]
+    librarian chat [--temperature ...]
+    librarian export --format hf OUT
+
+The model and tokenizer default to the pipeline's outputs (data/model/model.safetensors,
+data/tokenizer.json), so these run from the project root after `dvc repro`. A problem the user can
+fix is reported as one `error: ...` line on stderr with exit code 1 (2 for a malformed command
+line); LIBRARIAN_DEBUG=1 adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from librarian.errors import LibrarianError
+from librarian.stage import run_stage
+
+DEFAULT_MODEL = Path("data/model/model.safetensors")
+DEFAULT_TOKENIZER = Path("data/tokenizer.json")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a malformed command line reported in one line like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="librarian", description="Use a trained Librarian model: generate text, chat, export.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,export}")
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text as it comes",
+                                   description="Print the prompt, then the model's continuation as it is generated.")
+    generate.add_argument("--prompt", required=True, help='the text to continue, e.g. "Once upon a time"')
+    add_model_options(generate)
+    add_sampling_options(generate)
+    generate.add_argument("--num-samples", type=int, default=1,
+                          help="continuations to print, each from seed + i when --seed is given (default: 1)")
+    generate.set_defaults(run=run_generate)
+
+    chat = commands.add_parser("chat", help="talk with the model in the User:/Assistant: format",
+                               description="An interactive chat; type /help inside it for the commands. "
+                                           "Ctrl-C stops a reply or clears the line, Ctrl-D or /quit leaves.")
+    add_model_options(chat)
+    add_sampling_options(chat)
+    chat.set_defaults(run=run_chat)
+
+    export = commands.add_parser("export", help="write the model as a Hugging Face transformers folder",
+                                 description="Export the model and tokenizer for AutoModelForCausalLM.from_pretrained.")
+    export.add_argument("out", type=Path, metavar="OUT", help="the folder to write (replaced whole if it exists)")
+    export.add_argument("--format", choices=("hf",), default="hf", help="hf: a GPT-2 transformers folder (default)")
+    add_model_options(export)
+    export.set_defaults(run=run_export)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                        help=f"tokenizer file (default: {DEFAULT_TOKENIZER})")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = off (default: 50)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: 0.95)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    parser.add_argument("--seed", type=int, default=None, help="make the sampling repeatable (default: random)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (slower)")
+
+
+def sampling_from(args: argparse.Namespace):
+    """The validated Sampling of the command line (LibrarianError on a bad value)."""
+    from librarian.generate import Sampling
+
+    if args.max_new_tokens < 1:
+        raise LibrarianError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return Sampling(args.temperature, args.top_k, args.top_p)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from librarian.chat import strip_controls
+    from librarian.generate import Generator
+
+    sampling = sampling_from(args)
+    if args.num_samples < 1:
+        raise LibrarianError(f"--num-samples must be >= 1, got {args.num_samples}")
+    prompt = strip_controls(args.prompt)
+    if not prompt.strip():
+        raise LibrarianError('the prompt is empty; give some text to continue, e.g. --prompt "Once upon a time"')
+    generator = Generator.load(args.model, args.tokenizer)
+    out = sys.stdout
+    for i in range(args.num_samples):
+        if i:
+            out.write(f"\n--- sample {i + 1} ---\n")
+        out.write(prompt)
+        out.flush()
+        seed = None if args.seed is None else args.seed + i
+        for piece in generator.stream(prompt, args.max_new_tokens, sampling, seed, use_cache=not args.no_cache):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from librarian import chat
+    from librarian.generate import Generator
+
+    sampling = sampling_from(args)
+    generator = Generator.load(args.model, args.tokenizer)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
+    input_fn = input
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    else:
+        def input_fn(prompt: str) -> str:  # piped input is not echoed: echo it, so the transcript reads right
+            line = input(prompt)
+            print(line, flush=True)
+            return line
+
+    chat.run_chat(generator, sampling, args.max_new_tokens, args.seed, input_fn=input_fn, output=sys.stdout,
+                  use_cache=not args.no_cache)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from librarian.export import export_hf
+
+    out = export_hf(args.model, args.tokenizer, args.out)
+    print(f"export: {args.format} model written to {out}")
+
+
+def _main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("\n(interrupted)", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`librarian generate ... | head`): stop quietly, and keep Python's
+        # final flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+# run_stage turns a LibrarianError into `error: <message>` on stderr and exit code 1.
+main = run_stage(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Stage samples: continue the fixed prompts of params.samples with the trained model, into a Markdown file."""
+
+from librarian.samples import write_samples
+from librarian.stage import parse, run_stage
+
+
+@run_stage
+def main(argv=None):
+    paths = {"model": "data/model/model.safetensors", "tokenizer": "data/tokenizer.json", "out": "metrics/samples.md"}
+    args, params = parse(__doc__, paths, argv)
+    write_samples(args.model, args.tokenizer, args.out, params.samples)
+    print(f"samples: {len(params.samples.prompts)} prompts continued (seed {params.samples.seed}) into {args.out}")
+
+
+if __name__ == "__main__":
+    main()
