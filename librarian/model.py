@@ -60,18 +60,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: decoding then feeds one token a step."""
+    """Keys and values of the tokens seen so far, per layer: decoding then feeds one token a step.
 
-    def __init__(self, n_layer: int):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+    Buffers of the full context length are allocated once and filled in place: growing them by
+    concatenation would copy the whole cache at every step.
+    """
+
+    def __init__(self, n_layer: int, context_length: int):
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.context_length = context_length
         self.length = 0  # tokens cached; also the position of the next token
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        past = self.layers[layer]
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
+        if self.buffers[layer] is None:
+            B, H, _, D = k.shape
+            self.buffers[layer] = tuple(k.new_empty(B, H, self.context_length, D) for _ in range(2))
+        keys, values = self.buffers[layer]
+        end = self.length + k.size(2)
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -105,8 +113,9 @@ class CausalSelfAttention(nn.Module):
             k = apply_rope(k, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
         if cache is not None:
             k, v = cache.extend(layer, k, v)
-        # Rows are the new tokens (positions past .. past+T-1), columns every token so far.
-        mask = self.mask[:, :, past : past + T, : past + T]
+        # Rows are the new tokens (positions past .. past+T-1), columns every token so far. A single
+        # new token may see every earlier one, so decoding steps need no mask at all.
+        mask = self.mask[:, :, past : past + T, : past + T] if T > 1 else None
         if self.fused:
             dropout = self.dropout if self.training else 0.0
             if past == 0:
@@ -115,7 +124,8 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-            att = att.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -200,7 +210,7 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer)
+        return KVCache(self.config.n_layer, self.config.context_length)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy."""
