@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from librarian.errors import LibrarianError
-from librarian.generate import Generator, Sampling, TextStream, filter_logits, generate_ids, next_token, window_start
+from librarian.generate import Generator, Sampling, TextStream, filter_logits, generate_ids, window_start
 from librarian.model import GPT, GPTConfig
 
 CTX = 16

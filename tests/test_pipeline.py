@@ -5,67 +5,15 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-
-STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples"]
-# A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
-TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff": 64, "model.context_length": 32,
-        "train.stride": 32, "eval.stride": 16, "train.batch_size": 8, "train.max_steps": 12, "train.max_epochs": 2,
-        "train.lr": 3.0e-3, "train.threads": 1}
-
-
-def run(cmd, cwd, **kw):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def dvc(*args, cwd):
-    return run([sys.executable, "-m", "dvc", *args], cwd)
-
-
-def ran(output):
-    return [s for s in STAGES if f"Running stage '{s}'" in output]
-
-
-def set_params(project: Path, **overrides):
-    path = project / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        section = raw
-        for key in parents:
-            section = section[key]
-        section[leaf] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def make_project(dest: Path) -> Path:
-    """A git+dvc copy of the project that reads the shipped fixture instead of the hub."""
-    for name in ["librarian", "stages", "tests/fixtures/tinystories"]:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]:
-        shutil.copy(ROOT / name, dest / name)
-    (dest / "metrics").mkdir()
-    run(["git", "init", "-q"], dest)
-    run(["git", "config", "user.email", "t@example.com"], dest)
-    run(["git", "config", "user.name", "test"], dest)
-    dvc("init", "-q", "--force", cwd=dest)
-    dvc("config", "core.analytics", "false", cwd=dest)
-    set_params(dest, **{"data.source": "tests/fixtures/tinystories", "data.fraction": 1.0,
-                        "tokenizer.vocab_size": 1000, "tokenize.chunk_stories": 50, **TINY})
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "fixture project"], dest)
-    return dest
+from tests.dvc_project import STAGES, dvc, make_project, ran, run, set_params
 
 
 @pytest.fixture(scope="module")
