@@ -131,6 +131,7 @@ class TrainParams(Section):
     max_tokens: Annotated[int, Field(ge=0)]
     checkpoint_every: Annotated[int, Field(ge=0)]
     threads: Annotated[int, Field(ge=0)]
+    deterministic: bool
 
     @model_validator(mode="after")
     def _floor_below_peak(self):

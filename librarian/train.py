@@ -33,6 +33,7 @@ from tqdm import tqdm
 from librarian.checkpoint import load_state, load_weights, save_state, save_weights
 from librarian.config import Params, TrainParams
 from librarian.data import Windows, epoch_order, load_tokens
+from librarian.environment import describe, make_deterministic
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
 from librarian.io import atomic_dir, write_json
@@ -141,6 +142,7 @@ class Trainer:
         if self.tp.threads:
             torch.set_num_threads(self.tp.threads)
         self.device = pick_device(self.tp.device)
+        make_deterministic(self.device, self.tp.deterministic)
         train, val = load_tokens(Path(tokens_dir) / "train.bin"), load_tokens(Path(tokens_dir) / "val.bin")
         self.fingerprint = fingerprint(params, [train.meta, val.meta])
         ctx = params.model.context_length
@@ -345,7 +347,7 @@ class Trainer:
             summary = {k: v for k, v in asdict(p).items() if k not in ("history", "elapsed_s", "step_in_epoch",
                                                                           "epoch_loss_sum", "epoch_loss_count")}
             summary.update(n_params=self.model.n_params(), steps_per_epoch=self.steps_per_epoch,
-                           config=self.model.config.to_dict())
+                           config=self.model.config.to_dict(), environment=describe(self.device))
             with atomic_dir(self.out_dir) as tmp:
                 shutil.copyfile(self.state_dir / "best.safetensors", tmp / "model.safetensors")
                 save_weights(self.model, tmp / "last.safetensors")

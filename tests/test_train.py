@@ -62,6 +62,9 @@ def test_outputs_and_curves(tiny, tokens_dir, tmp_path):
     summary = json.loads((tmp_path / "model" / "train.json").read_text())
     assert summary["epoch"] == 2 and summary["stop_reason"] == "max_epochs"
     assert summary["n_params"] == load_weights(tmp_path / "model" / "model.safetensors").n_params()
+    env = summary["environment"]
+    assert env["packages"]["torch"] == torch.__version__ and env["device"] == "cpu" and env["deterministic"] is True
+    assert env["torch_threads"] == 1  # TINY_MODEL sets train.threads: 1
     for folder, names in (("live", ["train_loss", "val_loss", "lr", "tokens_seen"]), ("speed", ["tokens_per_s", "elapsed_s"])):
         for name in names:
             lines = (tmp_path / folder / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()

@@ -1,0 +1,43 @@
+"""What a run ran on: recorded beside its outputs, since results can differ across versions and devices."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+
+import torch
+
+PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pyarrow", "dvc")
+
+
+def make_deterministic(device: torch.device, deterministic: bool) -> None:
+    """Ask torch for deterministic kernels, or let CUDA pick the fastest ones.
+
+    On the CPU every kernel we use is deterministic already. On CUDA, determinism costs speed:
+    cuDNN may not autotune, and cuBLAS needs a fixed workspace (set before CUDA starts).
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic and device.type == "cuda"
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def describe(device: torch.device) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
