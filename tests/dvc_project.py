@@ -61,3 +61,17 @@ def make_project(dest: Path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "fixture project"], dest)
     return dest
+
+
+def lock_outputs(project: Path) -> dict:
+    """Every output path in dvc.lock and its md5."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def files_under(project: Path, path: str) -> dict[str, bytes]:
+    """The bytes of an output: the file itself, or every file below the folder."""
+    root = project / path
+    if root.is_file():
+        return {path: root.read_bytes()}
+    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

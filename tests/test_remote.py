@@ -8,21 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.dvc_project import STAGES, dvc, make_project, ran, run
-
-
-def lock_outputs(project: Path) -> dict:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
-
-
-def files_under(project: Path, path: str) -> dict[str, bytes]:
-    root = project / path
-    if root.is_file():
-        return {path: root.read_bytes()}
-    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, make_project, ran, run
 
 
 @pytest.fixture(scope="module")

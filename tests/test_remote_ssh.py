@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.dvc_project import dvc, make_project, ran, run
+from tests.dvc_project import dvc, files_under, lock_outputs, make_project, ran, run
 
 SSHD = Path("/usr/sbin/sshd")  # an absolute path: sshd re-executes itself and refuses a relative one
 PRIVSEP_DIR = Path("/run/sshd")  # sshd exits without it; the Debian service makes it, a bare sshd does not
@@ -91,18 +90,6 @@ def sshd(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
-
-
-def lock_outputs(project: Path) -> dict:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
-
-
-def files_under(project: Path, path: str) -> dict[str, bytes]:
-    root = project / path
-    if root.is_file():
-        return {path: root.read_bytes()}
-    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_push_then_pull_over_ssh_into_a_fresh_clone(sshd, tmp_path, monkeypatch):
