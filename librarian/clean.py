@@ -187,7 +187,17 @@ OFFICIAL_VALIDATION = "official_validation"
 def clean_corpus(in_dir: str | Path, out_dir: str | Path, report_path: str | Path, params: Params) -> dict:
     """Clean the sampled train split into train/val/test, and the official validation split if any."""
     in_dir = Path(in_dir)
+    # pyarrow's own error for a missing file is a traceback-worthy OSError; say which stage makes it.
+    if not (in_dir / "train.parquet").is_file():
+        raise LibrarianError(f"{in_dir} has no train.parquet; run `dvc repro subsample` first")
     pool, pool_report = clean_stories(read_stories(in_dir / "train.parquet"), params.clean)
+    if not pool:
+        # Otherwise the split would blame data.val_fraction for what the filters did.
+        dropped = ", ".join(f"{n} {reason}" for reason, n in pool_report.dropped.items() if n) or "none"
+        raise LibrarianError(
+            f"no story is left after cleaning {pool_report.stories_in} (dropped: {dropped}); "
+            "check clean.min_chars / clean.max_chars and data.source"
+        )
     splits = split_stories(pool, params.data.val_fraction, params.data.test_fraction, params.seed)
     report = {"train_pool": pool_report.as_dict()}
     if (in_dir / "validation.parquet").exists():

@@ -44,7 +44,35 @@ def load_tokens(path: str | Path) -> TokenFile:
         )
     if expected == 0:
         raise LibrarianError(f"token file {path} is empty; the split needs stories")
-    return TokenFile(np.memmap(path, dtype=DTYPE, mode="r"), meta)
+    vocab_size = meta.get("vocab_size")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise LibrarianError(f"sidecar {sidecar} has no valid vocab_size; rerun `dvc repro -f tokenize`")
+    tokens = np.memmap(path, dtype=DTYPE, mode="r")
+    # An id beyond the vocab would crash the embedding lookup mid-run (an IndexError, or a CUDA
+    # assert), so a damaged or mismatched file is refused here; one pass over the file is cheap.
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise LibrarianError(
+            f"token file {path} holds token id {top}, beyond its sidecar's vocab of {vocab_size}; "
+            "rerun `dvc repro -f tokenize`"
+        )
+    return TokenFile(tokens, meta)
+
+
+def check_tokenizer_matches(split: TokenFile, path: str | Path, tokenizer_path: str | Path) -> None:
+    """Refuse token files encoded by another tokenizer than `tokenizer_path` (the sidecar's SHA-256).
+
+    Ids from another tokenizer are in range and look fine, but decode to the wrong text: nothing
+    else would catch it. Not wired into a stage yet: none gets both the token files and the tokenizer.
+    """
+    from librarian.tokenizer import file_sha256
+
+    recorded = split.meta.get("tokenizer_sha256")
+    if recorded != file_sha256(tokenizer_path):
+        raise LibrarianError(
+            f"token file {path} was encoded with another tokenizer than {tokenizer_path} "
+            f"(sha256 {str(recorded)[:16]} in its sidecar); rerun `dvc repro -f tokenize`"
+        )
 
 
 class Windows:

@@ -11,6 +11,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
@@ -73,6 +74,15 @@ def tokenize_corpus(clean_dir: str | Path, tokenizer_path: str | Path, out_dir: 
     splits = sorted(Path(clean_dir).glob("*.parquet"))
     if not splits:
         raise LibrarianError(f"{clean_dir} has no split files; run `dvc repro clean` first")
+    for parquet in splits:
+        # Checked before anything is written: pyarrow's own error for a missing column is a bare
+        # ArrowInvalid halfway through the splits.
+        try:
+            names = pq.read_schema(parquet).names
+        except (pa.ArrowException, OSError):
+            raise LibrarianError(f"{parquet} is not a readable parquet file; rerun `dvc repro -f clean`") from None
+        if "text" not in names:
+            raise LibrarianError(f"{parquet} has no 'text' column; it is not a clean split, rerun `dvc repro -f clean`")
     with atomic_dir(out_dir) as tmp:
         for parquet in splits:
             split = parquet.stem

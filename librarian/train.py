@@ -144,6 +144,13 @@ class Trainer:
         self.device = pick_device(self.tp.device)
         make_deterministic(self.device, self.tp.deterministic)
         train, val = load_tokens(Path(tokens_dir) / "train.bin"), load_tokens(Path(tokens_dir) / "val.bin")
+        # The model's vocab comes from train's sidecar: val ids from another vocab would be scored
+        # against the wrong embedding rows (or crash the lookup).
+        if val.vocab_size != train.vocab_size:
+            raise LibrarianError(
+                f"{tokens_dir}/val.bin has a vocab of {val.vocab_size} but train.bin {train.vocab_size}: "
+                "they come from different tokenizers; rerun `dvc repro -f tokenize`"
+            )
         self.fingerprint = fingerprint(params, [train.meta, val.meta])
         ctx = params.model.context_length
         self.train_windows = Windows(train.tokens, ctx, self.tp.stride)
