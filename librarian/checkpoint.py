@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from librarian.config import ModelParams
 from librarian.errors import LibrarianError
 from librarian.io import atomic_path
 from librarian.model import GPT, GPTConfig
@@ -41,7 +42,12 @@ def read_config(path: str | Path) -> GPTConfig:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        return GPTConfig(**json.loads(metadata[CONFIG_KEY]))
+        config = GPTConfig(**json.loads(metadata[CONFIG_KEY]))
+        # The checks params.yaml gets, so a corrupt or forged config cannot build a broken model.
+        ModelParams.model_validate({k: v for k, v in config.to_dict().items() if k != "vocab_size"}, strict=False)
+        if not (isinstance(config.vocab_size, int) and config.vocab_size > 0):
+            raise ValueError(f"vocab_size {config.vocab_size!r}")
+        return config
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise LibrarianError(
             f"{path} is not a Librarian model file ({type(exc).__name__}); it may be truncated or from another tool"
@@ -49,19 +55,50 @@ def read_config(path: str | Path) -> GPTConfig:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu", **overrides) -> GPT:
-    """A GPT built from the file's own config (fields in `overrides` replaced) with its weights."""
+    """A GPT built from the file's own config (fields in `overrides` replaced) with its weights.
+
+    The file's tensor names and shapes are checked against a shape-only (meta) model before any
+    memory is allocated, so a file with a lying config cannot make us allocate terabytes.
+    """
     config = read_config(path)
     if overrides:
         config = GPTConfig(**{**config.to_dict(), **overrides})
+    mismatch = f"{path} does not match its model config"
+    fix = "use a model file that Librarian wrote, or retrain (`dvc repro train`)"
+    try:
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items() if name != TIED}
+        with safe_open(str(path), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, AssertionError) as exc:
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise LibrarianError(f"{mismatch} ({detail}); {fix}") from None
+    if found != expected:
+        raise LibrarianError(f"{mismatch} ({describe_mismatch(expected, found)}); {fix}")
     model = GPT(config)
     try:
-        tensors = load_file(str(path))
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except (SafetensorError, RuntimeError) as exc:
-        raise LibrarianError(f"{path} does not match its model config ({str(exc).splitlines()[0][:160]})") from None
-    if set(missing) != {TIED} or unexpected:
-        raise LibrarianError(f"{path} does not match its model config (missing {missing}, unexpected {unexpected})")
+        model.load_state_dict(load_file(str(path)), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise LibrarianError(f"{mismatch} ({str(exc).splitlines()[0][:160]}); {fix}") from None
     return model.to(device)
+
+
+def describe_mismatch(expected: dict, found: dict, show: int = 3) -> str:
+    """The first few differences in tensor names and shapes, on one short line."""
+
+    def names(items) -> str:
+        items = sorted(items)
+        return ", ".join(items[:show]) + (f" and {len(items) - show} more" if len(items) > show else "")
+
+    parts = []
+    if missing := expected.keys() - found.keys():
+        parts.append(f"{len(missing)} tensors missing: {names(missing)}")
+    if unexpected := found.keys() - expected.keys():
+        parts.append(f"{len(unexpected)} unexpected: {names(unexpected)}")
+    if shapes := [n for n in expected.keys() & found.keys() if expected[n] != found[n]]:
+        first = sorted(shapes)[0]
+        parts.append(f"{len(shapes)} of other shapes, e.g. {first} {list(found[first])} for {list(expected[first])}")
+    return "; ".join(parts)
 
 
 def save_state(state: dict, path: str | Path) -> None:
