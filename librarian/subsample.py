@@ -26,6 +26,8 @@ def pick(n_stories: int, fraction: float, seed: int) -> np.ndarray:
 def subsample(raw_dir: str | Path, out_dir: str | Path, fraction: float, seed: int) -> dict:
     """Write out_dir/train.parquet (the sample) and copy the official validation split as it is."""
     raw_dir = Path(raw_dir)
+    if not (raw_dir / "train.parquet").is_file():
+        raise LibrarianError(f"{raw_dir} has no train.parquet; run `dvc repro download` first")
     # Arrow's take() copies only the chosen rows: the full 2 GB train split never becomes Python strings.
     table = pq.read_table(raw_dir / "train.parquet", columns=["text"])
     sample = table.take(pick(table.num_rows, fraction, seed))

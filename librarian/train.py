@@ -117,7 +117,8 @@ class TrainingLoss(torch.nn.Module):
     def __init__(self, model: GPT, fused: bool, compile: bool):
         super().__init__()
         self.model, self.fused = model, fused
-        self.body = _compiled(model.hidden if fused else model) if compile else (model.hidden if fused else model)
+        body = model.hidden if fused else model
+        self.body = _compiled(body) if compile else body
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.fused:

@@ -34,3 +34,9 @@ def test_fraction_one_keeps_everything(raw, tmp_path):
 def test_fraction_that_keeps_nothing_is_an_error(tmp_path):
     with pytest.raises(LibrarianError, match="data.fraction 0.02 of 10 train stories keeps none"):
         pick(10, 0.02, seed=0)
+
+
+def test_missing_raw_split_is_a_clear_error(tmp_path):
+    with pytest.raises(LibrarianError, match="has no train.parquet; run `dvc repro download` first"):
+        subsample(tmp_path / "raw", tmp_path / "out", 0.5, seed=1)
+    assert not (tmp_path / "out").exists()
