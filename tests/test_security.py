@@ -191,20 +191,9 @@ CTX = 32
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny untrained GPT (context 32) and a real byte-level BPE trained on the fixture stories, saved."""
-    from librarian.config import TokenizerParams
-    from librarian.tokenizer import save_tokenizer, train_tokenizer
-    from tests.conftest import fixture_stories
+    from tests.test_chat import build_tiny
 
-    directory = tmp_path_factory.mktemp("security")
-    params = TokenizerParams(vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
-    tokenizer = train_tokenizer(fixture_stories()[:100], params)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), context_length=CTX, n_layer=1, n_head=2,
-                          d_model=16, d_ff=32))
-    model_path, tokenizer_path = directory / "model.safetensors", directory / "tokenizer.json"
-    save_weights(model, model_path)
-    save_tokenizer(tokenizer, tokenizer_path)
-    return model_path, tokenizer_path
+    return build_tiny(tmp_path_factory.mktemp("security"))
 
 
 @pytest.fixture(scope="module")
