@@ -38,16 +38,40 @@ def atomic_path(path: str | Path):
         raise
 
 
+def _swapped_out(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | Path) -> None:
+    """Finish a directory swap that a kill interrupted between its two renames.
+
+    Replacing a non-empty directory takes two renames (old out, new in). A SIGKILL between them
+    leaves no `path`, only the complete previous version beside it: put that one back.
+    """
+    path = Path(path)
+    old = _swapped_out(path)
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory written with atomic_dir, with any swapped-out copy a kill left beside it."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(_swapped_out(path), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _swapped_out(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)

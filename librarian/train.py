@@ -36,7 +36,7 @@ from librarian.data import Windows, epoch_order, load_tokens
 from librarian.environment import describe, make_deterministic
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
-from librarian.io import atomic_dir, write_json
+from librarian.io import atomic_dir, recover_dir, remove_dir, write_json
 from librarian.model import GPT, GPTConfig
 
 # Keys that change how a run is carried out but not its result: a state saved under other values
@@ -192,6 +192,7 @@ class Trainer:
     # --- checkpoints ---
 
     def resume(self) -> bool:
+        recover_dir(self.state_dir)
         state_file = self.state_dir / "state.pt"
         if not state_file.exists():
             return False
@@ -360,7 +361,7 @@ class Trainer:
                 shutil.copyfile(self.state_dir / "best.safetensors", tmp / "model.safetensors")
                 save_weights(self.model, tmp / "last.safetensors")
                 write_json(tmp / "train.json", summary)
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+            remove_dir(self.state_dir)
         self._barrier()
 
     def _no_sync(self, skip_sync: bool):

@@ -1,5 +1,7 @@
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +122,34 @@ def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interr
     straight_curve = (tmp_path / "straight" / "live" / "plots" / "metrics" / "val_loss.tsv").read_text()
     assert (tmp_path / "resumed" / "live" / "plots" / "metrics" / "val_loss.tsv").read_text() == straight_curve
     assert resumed.global_step == 3 * resumed.history[0]["step"]
+
+
+def test_kill_between_the_two_renames_of_a_checkpoint_loses_nothing(tiny, tokens_dir, tmp_path, monkeypatch, capsys):
+    """Replacing the state folder takes two renames; a kill between them must not lose the state."""
+    import librarian.io
+
+    params = tiny(**{"train.max_epochs": 2, "train.checkpoint_every": 4})
+    run(params, tokens_dir, tmp_path / "straight")
+    real_replace, swaps = os.replace, {"n": 0}
+
+    def dying_replace(src, dst):
+        if Path(dst).name == "state" and Path(src).name.endswith(".tmp"):
+            swaps["n"] += 1
+            if swaps["n"] == 3:  # the old state is already renamed away, the new one not yet in
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(librarian.io.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, tokens_dir, tmp_path / "resumed")
+    monkeypatch.setattr(librarian.io.os, "replace", real_replace)
+    assert not (tmp_path / "resumed" / "state").exists() and (tmp_path / "resumed" / ".state.old" / "state.pt").exists()
+    capsys.readouterr()
+    run(params, tokens_dir, tmp_path / "resumed")
+    assert "train: resuming at epoch 1, step 8/" in capsys.readouterr().out  # the second checkpoint's state
+    for name in ["last.safetensors", "model.safetensors"]:
+        assert (tmp_path / "straight" / "model" / name).read_bytes() == (tmp_path / "resumed" / "model" / name).read_bytes()
+    assert not (tmp_path / "resumed" / "state").exists() and not (tmp_path / "resumed" / ".state.old").exists()
 
 
 def test_state_from_other_params_is_not_resumed(tiny, tokens_dir, tmp_path, monkeypatch):
