@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -33,8 +34,12 @@ def run_stage(main):
     @functools.wraps(main)
     def wrapper(argv=None):
         debug = os.environ.get("LIBRARIAN_DEBUG") == "1"
+        # Ctrl-C raises KeyboardInterrupt again, so atomic writes can unwind and tidy up.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             main(argv)
+            # The outputs are in place: a Ctrl-C while the interpreter shuts down changes nothing.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         except LibrarianError as exc:
             if debug:
                 traceback.print_exc()

@@ -16,6 +16,16 @@ FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE_CORPUS = FIXTURES / "tinystories"
 
 
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """The fixture project after a full `dvc repro`, built once. Copy it before changing anything."""
+    from tests.dvc_project import STAGES, dvc, make_project, ran
+
+    project = make_project(tmp_path_factory.mktemp("built"))
+    assert ran(dvc("repro", cwd=project)) == STAGES
+    return project
+
+
 @pytest.fixture
 def raw_params() -> dict:
     """The project's params.yaml as a plain dict, to modify per test."""

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dvc_project import STAGES, dvc, make_project, ran, run, set_params
+from tests.dvc_project import dvc, make_project, ran, run, set_params
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("e2e"))
-    out = dvc("repro", cwd=project)
-    assert ran(out) == STAGES
+def project(built_project, tmp_path_factory):
+    project = tmp_path_factory.mktemp("e2e") / "project"
+    shutil.copytree(built_project, project, symlinks=True)
     return project
 
 

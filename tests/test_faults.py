@@ -1,0 +1,92 @@
+"""Faults: every stage killed (SIGKILL or SIGINT) at random points, then `dvc repro` completes.
+
+The harness runs each stage's own command, as DVC would, on the tiny fixture project and kills it
+after a random delay within that stage's measured run time. After every kill, each output the next
+stage reads is either absent or whole (byte-equal to the uninterrupted run): never half-written.
+Then `dvc repro` rebuilds what is missing, resuming training from its saved state, and every
+artifact in dvc.lock has the uninterrupted run's hash.
+"""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, set_params
+
+SEED = 20261124
+TRIALS_PER_STAGE = 2  # one SIGKILL, one SIGINT, in random order, at random delays
+
+
+def stage_commands(project: Path) -> dict[str, tuple[str, list[str]]]:
+    """Each stage's command and the outputs a later stage reads (training curves are logs, not inputs)."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        paths = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("outs", []) + stage.get("metrics", [])]
+        out[name] = (stage["cmd"], [p for p in paths if not p.startswith("metrics/train/")])
+    return out
+
+
+def remove(project: Path, paths: list[str]) -> None:
+    """What DVC does before running a stage: its outputs go first."""
+    for path in paths:
+        target = project / path
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def start(project: Path, cmd: str) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(cmd.replace("python", sys.executable, 1).split(), cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_stage_survives_kills_at_random_points(built_project, tmp_path):
+    project = tmp_path / "faults"
+    shutil.copytree(built_project, project, symlinks=True)
+    baseline = lock_outputs(built_project)
+    whole = {p: files_under(built_project, p) for _, outs in stage_commands(project).values() for p in outs}
+    # Checkpoints within the epoch, so a kill during training leaves a state to resume from. The
+    # param does not change the result, which the final hash comparison checks too.
+    set_params(project, **{"train.checkpoint_every": 2})
+    rng = random.Random(SEED)
+    trials = []
+    for name, (cmd, outs) in stage_commands(project).items():
+        remove(project, outs)
+        began = time.monotonic()
+        _, err = start(project, cmd).communicate(timeout=300)
+        assert not err.startswith("error:") and (project / outs[0]).exists(), f"{name} failed uninterrupted: {err}"
+        duration = time.monotonic() - began
+        assert all(files_under(project, p) == whole[p] for p in outs), f"{name}: not the baseline's bytes"
+        for sig in rng.sample([signal.SIGKILL, signal.SIGINT], TRIALS_PER_STAGE):
+            remove(project, outs)
+            delay = rng.uniform(0.25, duration)  # from 0.25 s: past interpreter start-up
+            proc = start(project, cmd)
+            time.sleep(delay)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=120)
+            for path in outs:
+                assert not (project / path).exists() or files_under(project, path) == whole[path], \
+                    f"{name} killed by {sig.name} after {delay:.2f}s left a partial {path}"
+            if sig == signal.SIGINT:  # Ctrl-C: done (0) or one line and 130, never a traceback
+                assert proc.returncode == 0 or (proc.returncode == 130 and err.startswith("error: interrupted")
+                                                and len(err.splitlines()) == 1), (proc.returncode, err)
+            trials.append((name, sig.name, round(delay, 2), proc.returncode))
+        # From whatever the last kill left, DVC finishes the stage (training resumes its state).
+        dvc("repro", "--no-run-cache", name, cwd=project)
+        assert all(files_under(project, p) == whole[p] for p in outs), f"{name}: rerun after kills differs"
+    print(f"\n{len(trials)} kill trials (seed {SEED}):", *trials, sep="\n  ")
+
+    assert lock_outputs(project) == baseline
+    assert "up to date" in dvc("status", cwd=project)
+    assert len(trials) == TRIALS_PER_STAGE * len(STAGES)
+    assert sum(rc != 0 for *_, rc in trials) >= len(STAGES), "most trials should interrupt a running stage"
