@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -109,11 +110,28 @@ def read_stories(path: str | Path) -> list[str]:
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
 
 
+# How a full disk (or a quota, or a file-size limit) shows up: errno where the writer keeps it, else
+# only the message: numpy's short write, SQLite (DVC's state, opened by dvclive).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_FULL_TEXT = re.compile(r"no space left|file too large|disk quota|disk i/o error|database or disk is full"
+                             r"|\d+ requested and \d+ written", re.IGNORECASE)
+
+
+def _public(path: Path) -> Path:
+    """The path a user knows: data/raw/train.parquet, not data/.raw.x1y2.tmp/train.parquet."""
+    return Path(*(re.sub(r"^\.(.+)\.[a-z0-9_]+\.tmp$", r"\1", part) for part in path.parts))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) in _DISK_FULL_ERRNOS or bool(_DISK_FULL_TEXT.search(str(exc)))
+
+
 def _raise_if_disk_error(exc: BaseException, path: Path) -> None:
     """Turn the write failures a user can fix into a one-line LibrarianError."""
-    if not isinstance(exc, OSError):
+    if isinstance(exc, LibrarianError):  # already says what to do, for the innermost path
         return
-    if exc.errno == errno.ENOSPC:
-        raise LibrarianError(f"no space left on the device while writing {path}; free some disk space and rerun") from exc
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if is_disk_full(exc):  # OSError from most writers; safetensors raises its own error type
+        raise LibrarianError(f"no space left on the device (or a file-size limit) while writing {_public(path)}; "
+                             "free some disk space and rerun") from exc
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         raise LibrarianError(f"cannot write {path}: {exc.strerror}; check the folder's permissions") from exc

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from librarian.config import DEFAULT_PARAMS, Params, load_params
 from librarian.errors import LibrarianError
+from librarian.io import is_disk_full
 
 
 def parse(description: str, paths: dict[str, str], argv=None) -> tuple[argparse.Namespace, Params]:
@@ -52,6 +53,10 @@ def run_stage(main):
             if debug:
                 traceback.print_exc()
             reason = (str(exc).splitlines() or [""])[0]
+            if is_disk_full(exc):  # a full disk can strike in a library's own files, outside our writers
+                print(f"error: the disk is full or a file-size limit was reached ({reason}); free some disk space "
+                      "and rerun", file=sys.stderr)
+                sys.exit(1)
             print(f"error: unexpected {type(exc).__name__}: {reason} (set LIBRARIAN_DEBUG=1 for the traceback)", file=sys.stderr)
             sys.exit(1)
 

@@ -9,6 +9,7 @@ artifact in dvc.lock has the uninterrupted run's hash.
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -90,3 +91,44 @@ def test_every_stage_survives_kills_at_random_points(built_project, tmp_path):
     assert "up to date" in dvc("status", cwd=project)
     assert len(trials) == TRIALS_PER_STAGE * len(STAGES)
     assert sum(rc != 0 for *_, rc in trials) >= len(STAGES), "most trials should interrupt a running stage"
+
+
+# A file-size limit (RLIMIT_FSIZE) makes every write past it fail with EFBIG, the way a full disk
+# fails with ENOSPC, in the real stage process and in every library it calls. Each limit is below
+# the size of the stage's output, so the stage dies in the middle of writing it.
+WRITE_LIMITS = {"download": 1000, "subsample": 1000, "clean": 1000, "train_tokenizer": 1000, "tokenize": 1000,
+                "train": 120_000, "evaluate": 400, "samples": 1000}
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the EFBIG error, not the killing signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_stops_every_stage_with_one_line_and_no_output(built_project, tmp_path):
+    project = tmp_path / "full"
+    shutil.copytree(built_project, project, symlinks=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc("status", cwd=project)  # DVC's own state database (dvclive opens it) exists before the disk fills
+    for name, (cmd, outs) in stage_commands(project).items():
+        remove(project, outs)
+        result = subprocess.run(cmd.replace("python", sys.executable, 1).split(), cwd=project, env=env,
+                                capture_output=True, text=True, preexec_fn=_limit_file_size(WRITE_LIMITS[name]))
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+        assert result.returncode == 1 and len(lines) == 1, (name, result.stderr)
+        assert re.fullmatch(r"error: no space left on the device \(or a file-size limit\) while writing "
+                            r"(data|metrics)/[\w./]+; free some disk space and rerun", lines[0]), lines[0]
+        for path in outs:
+            target = project / path
+            assert not target.exists(), f"{name} left {path} behind"
+        leftovers = [p for folder in ("data", "metrics") for p in (project / folder).rglob(".*.tmp")]
+        assert not leftovers, f"{name} left temporary files behind: {leftovers}"
+        print(f"\n{name}: {lines[0]}", end="")
+        for path in outs:  # put the outputs back for the next stage
+            restore = shutil.copytree if (built_project / path).is_dir() else shutil.copy2
+            restore(built_project / path, project / path)
