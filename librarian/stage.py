@@ -13,16 +13,24 @@ from pathlib import Path
 from librarian.config import DEFAULT_PARAMS, Params, load_params
 from librarian.errors import LibrarianError
 from librarian.io import is_disk_full
+from librarian.paths import check_output
 
 
-def parse(description: str, paths: dict[str, str], argv=None) -> tuple[argparse.Namespace, Params]:
-    """Parse the stage's path arguments (name -> help) and --params, then validate params once."""
+def parse(description: str, inputs: dict[str, str], outputs: dict[str, str], argv=None) -> tuple[argparse.Namespace, Params]:
+    """Parse the stage's input then output paths (name -> help) and --params; validate params once.
+
+    Outputs must lie inside the project's data/ or metrics/ (the folder of the params file), with
+    no symlink on the way: a stage never writes anywhere else.
+    """
     parser = argparse.ArgumentParser(description=description)
-    for name, help_text in paths.items():
+    for name, help_text in {**inputs, **outputs}.items():
         parser.add_argument(name, type=Path, help=help_text)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    return args, load_params(args.params)
+    params = load_params(args.params)
+    for name in outputs:
+        check_output(getattr(args, name), args.params.parent)
+    return args, params
 
 
 def run_stage(main):

@@ -6,8 +6,7 @@ from librarian.stage import parse, run_stage
 
 @run_stage
 def main(argv=None):
-    paths = {"in_dir": "data/subsample", "out_dir": "data/clean", "report": "metrics/clean.json"}
-    args, params = parse(__doc__, paths, argv)
+    args, params = parse(__doc__, {"in_dir": "data/subsample"}, {"out_dir": "data/clean", "report": "metrics/clean.json"}, argv)
     report = clean_corpus(args.in_dir, args.out_dir, args.report, params)
     pool = report["train_pool"]
     print(f"clean: {pool['stories_in']} -> {pool['stories_out']} stories; dropped {pool['dropped']}")

@@ -6,7 +6,7 @@ from librarian.stage import parse, run_stage
 
 @run_stage
 def main(argv=None):
-    args, params = parse(__doc__, {"out_dir": "where the raw splits go (data/raw)"}, argv)
+    args, params = parse(__doc__, {}, {"out_dir": "where the raw splits go (data/raw)"}, argv)
     # A relative data.source is relative to the folder of params.yaml, the project root.
     manifest = download(params.data.source, args.out_dir, root=args.params.resolve().parent)
     for split, info in manifest["splits"].items():

@@ -7,8 +7,8 @@ from librarian.stage import parse, run_stage
 
 @run_stage
 def main(argv=None):
-    paths = {"model": "data/model/model.safetensors", "tokens_dir": "data/tokens", "out": "metrics/metrics.json"}
-    args, params = parse(__doc__, paths, argv)
+    inputs = {"model": "data/model/model.safetensors", "tokens_dir": "data/tokens"}
+    args, params = parse(__doc__, inputs, {"out": "metrics/metrics.json"}, argv)
     metrics = evaluate_model(args.model, args.tokens_dir, params)
     write_json(args.out, metrics)
     print(

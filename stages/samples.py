@@ -6,8 +6,8 @@ from librarian.stage import parse, run_stage
 
 @run_stage
 def main(argv=None):
-    paths = {"model": "data/model/model.safetensors", "tokenizer": "data/tokenizer.json", "out": "metrics/samples.md"}
-    args, params = parse(__doc__, paths, argv)
+    inputs = {"model": "data/model/model.safetensors", "tokenizer": "data/tokenizer.json"}
+    args, params = parse(__doc__, inputs, {"out": "metrics/samples.md"}, argv)
     write_samples(args.model, args.tokenizer, args.out, params.samples)
     print(f"samples: {len(params.samples.prompts)} prompts continued (seed {params.samples.seed}) into {args.out}")
 

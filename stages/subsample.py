@@ -6,7 +6,7 @@ from librarian.subsample import subsample
 
 @run_stage
 def main(argv=None):
-    args, params = parse(__doc__, {"raw_dir": "data/raw", "out_dir": "data/subsample"}, argv)
+    args, params = parse(__doc__, {"raw_dir": "data/raw"}, {"out_dir": "data/subsample"}, argv)
     counts = subsample(args.raw_dir, args.out_dir, params.data.fraction, params.seed)
     print(f"subsample: train: {counts['stories_in']} -> {counts['stories_out']} stories")
 

@@ -6,8 +6,8 @@ from librarian.tokens import tokenize_corpus
 
 @run_stage
 def main(argv=None):
-    paths = {"clean_dir": "data/clean", "tokenizer": "data/tokenizer.json", "out_dir": "data/tokens"}
-    args, params = parse(__doc__, paths, argv)
+    inputs = {"clean_dir": "data/clean", "tokenizer": "data/tokenizer.json"}
+    args, params = parse(__doc__, inputs, {"out_dir": "data/tokens"}, argv)
     summary = tokenize_corpus(args.clean_dir, args.tokenizer, args.out_dir, params.tokenize.chunk_stories)
     for split, counts in summary.items():
         print(f"tokenize: {split}: {counts['tokens']} tokens, {counts['stories']} stories")

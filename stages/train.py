@@ -6,11 +6,11 @@ from librarian.train import train
 
 @run_stage
 def main(argv=None):
-    paths = {"tokens_dir": "data/tokens", "out_dir": "data/model",
-             "live_dir": "metrics/train: loss and learning-rate curves (a DVC output)",
-             "speed_dir": "metrics/train_speed: tokens/s and elapsed time (not in dvc.lock: they vary run to run)",
-             "state_dir": "resumable training state; not a DVC output, so it survives DVC's clean-up"}
-    args, params = parse(__doc__, paths, argv)
+    outputs = {"out_dir": "data/model",
+               "live_dir": "metrics/train: loss and learning-rate curves (a DVC output)",
+               "speed_dir": "metrics/train_speed: tokens/s and elapsed time (not in dvc.lock: they vary run to run)",
+               "state_dir": "resumable training state; not a DVC output, so it survives DVC's clean-up"}
+    args, params = parse(__doc__, {"tokens_dir": "data/tokens"}, outputs, argv)
     progress = train(params, args.tokens_dir, args.out_dir, args.state_dir, args.live_dir, args.speed_dir)
     print(f"train: stopped ({progress.stop_reason}) after {progress.epoch} epochs, {progress.global_step} steps, "
           f"{progress.tokens_seen:,} tokens; best val loss {progress.best_val_loss:.4f} at epoch {progress.best_epoch}")

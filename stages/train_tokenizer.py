@@ -7,7 +7,7 @@ from librarian.tokenizer import save_tokenizer, train_tokenizer
 
 @run_stage
 def main(argv=None):
-    args, params = parse(__doc__, {"train": "data/clean/train.parquet", "out": "data/tokenizer.json"}, argv)
+    args, params = parse(__doc__, {"train": "data/clean/train.parquet"}, {"out": "data/tokenizer.json"}, argv)
     stories = read_stories(args.train)
     tokenizer = train_tokenizer(stories, params.tokenizer, n_stories=len(stories))
     save_tokenizer(tokenizer, args.out)

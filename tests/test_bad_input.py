@@ -115,7 +115,7 @@ class Ctx:
 
     def out(self, name: str) -> str:
         """An output path of the stage under test: it must not exist after the failure."""
-        path = self.tmp / "out" / name
+        path = self.tmp / "data" / name
         self.outputs.append(path)
         return str(path)
 
@@ -124,7 +124,7 @@ class Ctx:
         (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
         return target
 
-    # The stages' command lines, as dvc.yaml has them (every output inside out/).
+    # The stages' command lines, as dvc.yaml has them (every output inside data/).
 
     def download(self, source: Path | str | None = None, **overrides) -> list[str]:
         if source is not None:
@@ -454,9 +454,9 @@ def test_a_50mb_story_is_dropped_by_clean_as_too_long(tmp_path, world):
     c = Ctx(tmp_path, world)
     result = run(c.clean(tmp_path / "sub", **{"data.val_fraction": 0.2, "data.test_fraction": 0.2}))
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "out" / "clean.json").read_text())
+    report = json.loads((tmp_path / "data" / "clean.json").read_text())
     assert report["train_pool"]["dropped"]["too_long"] == 1 and report["train_pool"]["stories_out"] == 10
-    out = tmp_path / "out" / "clean"
+    out = tmp_path / "data" / "clean"
     kept = [s for split in ("train", "val", "test") for s in read_stories(out / f"{split}.parquet")]
     assert len(kept) == 10 and max(map(len, kept)) < 200
 
@@ -470,7 +470,7 @@ def test_stories_longer_than_the_context_train_fine(tmp_path, world):
     c = Ctx(tmp_path, world)
     result = run(c.train(tokens, **{"train.max_steps": 2, "train.max_epochs": 1}))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "data" / "model" / "model.safetensors").exists()
 
 
 def test_a_prompt_100x_the_context_keeps_its_end(tmp_path, world):

@@ -45,15 +45,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, raw_params):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw_params))
 
-    run_stage([sys.executable], params, tokens, tmp_path / "one")
+    run_stage([sys.executable], params, tokens, tmp_path / "data" / "one")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                 f"--master_port={free_port()}"]
-    run_stage(torchrun, params, tokens, tmp_path / "two")
+    run_stage(torchrun, params, tokens, tmp_path / "data" / "two")
 
     for name in ["train_loss", "val_loss"]:
-        one, two = curve(tmp_path / "one" / "live", name), curve(tmp_path / "two" / "live", name)
+        one, two = curve(tmp_path / "data" / "one" / "live", name), curve(tmp_path / "data" / "two" / "live", name)
         assert len(one) == len(two) == 3
         assert two == pytest.approx(one, rel=1e-4), name
     assert one[-1] < one[0]  # it did learn
-    assert (tmp_path / "two" / "model" / "model.safetensors").exists()
-    assert not (tmp_path / "two" / "state").exists()
+    assert (tmp_path / "data" / "two" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "data" / "two" / "state").exists()
