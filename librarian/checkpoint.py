@@ -19,20 +19,46 @@ from librarian.errors import LibrarianError
 from librarian.io import atomic_path
 from librarian.model import GPT, GPTConfig
 
-CONFIG_KEY = "librarian.gpt_config"
+# One metadata entry, a sorted JSON object: safetensors writes its metadata map in a random order,
+# so two entries would make equal models differ in bytes. It holds the GPTConfig and the SHA-256 of
+# the tokenizer.json whose ids the model was trained on (from the token files' sidecar): ids of
+# another tokenizer are in range and look fine, but mean other text.
+META_KEY = "librarian"
 # The output head shares the token embedding's matrix, so it is stored once, under tok_emb.weight.
 TIED = "lm_head.weight"
 
 
-def save_weights(model: GPT, path: str | Path) -> None:
-    """Weights and config in one safetensors file, byte-identical for identical weights.
+def model_metadata(config: dict, tokenizer_sha256: str | None = None) -> dict[str, str]:
+    meta = {"gpt_config": config, **({"tokenizer_sha256": tokenizer_sha256} if tokenizer_sha256 else {})}
+    return {META_KEY: json.dumps(meta, sort_keys=True)}
 
-    Not safetensors' save_model: it records the tied names in a metadata map whose key order varies
-    from process to process, so equal models would give different bytes.
+
+def save_weights(model: GPT, path: str | Path, tokenizer_sha256: str | None = None) -> None:
+    """Weights, config and (when known) the tokenizer's hash in one safetensors file.
+
+    Byte-identical for identical weights. Not safetensors' save_model: it records the tied names in
+    more metadata entries, whose order varies from process to process.
     """
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items() if name != TIED}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True)})
+        save_file(tensors, str(tmp), metadata=model_metadata(model.config.to_dict(), tokenizer_sha256))
+
+
+def read_tokenizer_sha256(path: str | Path) -> str | None:
+    """The hash of the tokenizer the model was trained with; None for files that do not record it."""
+    read_config(path)  # a clear error first if this is no model file
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()[META_KEY]).get("tokenizer_sha256")
+
+
+def check_same_tokenizer(model_path: str | Path, recorded: str | None, what: str) -> None:
+    """Refuse `what` when it comes from another tokenizer than the one the model was trained with."""
+    expected = read_tokenizer_sha256(model_path)
+    if expected and recorded and recorded != expected:
+        raise LibrarianError(
+            f"{what} comes from another tokenizer (sha256 {recorded[:16]}) than model {model_path} was trained "
+            f"with ({expected[:16]}); use the matching files, or rerun `dvc repro`"
+        )
 
 
 def read_config(path: str | Path) -> GPTConfig:
@@ -42,7 +68,7 @@ def read_config(path: str | Path) -> GPTConfig:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        config = GPTConfig(**json.loads(metadata[CONFIG_KEY]))
+        config = GPTConfig(**json.loads(metadata[META_KEY])["gpt_config"])
         # The checks params.yaml gets, so a corrupt or forged config cannot build a broken model.
         ModelParams.model_validate({k: v for k, v in config.to_dict().items() if k != "vocab_size"}, strict=False)
         if not (isinstance(config.vocab_size, int) and config.vocab_size > 0):

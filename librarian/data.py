@@ -59,22 +59,6 @@ def load_tokens(path: str | Path) -> TokenFile:
     return TokenFile(tokens, meta)
 
 
-def check_tokenizer_matches(split: TokenFile, path: str | Path, tokenizer_path: str | Path) -> None:
-    """Refuse token files encoded by another tokenizer than `tokenizer_path` (the sidecar's SHA-256).
-
-    Ids from another tokenizer are in range and look fine, but decode to the wrong text: nothing
-    else would catch it. Not wired into a stage yet: none gets both the token files and the tokenizer.
-    """
-    from librarian.tokenizer import file_sha256
-
-    recorded = split.meta.get("tokenizer_sha256")
-    if recorded != file_sha256(tokenizer_path):
-        raise LibrarianError(
-            f"token file {path} was encoded with another tokenizer than {tokenizer_path} "
-            f"(sha256 {str(recorded)[:16]} in its sidecar); rerun `dvc repro -f tokenize`"
-        )
-
-
 class Windows:
     """Autoregressive windows of context_length + 1 tokens, `stride` apart: input x and target y."""
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from librarian.checkpoint import load_weights
+from librarian.checkpoint import check_same_tokenizer, load_weights
 from librarian.config import Params
 from librarian.data import TokenFile, load_tokens
 from librarian.errors import LibrarianError
@@ -147,9 +147,10 @@ def check_split(split: TokenFile, path: Path, vocab_size: int) -> None:
         raise LibrarianError(f"sidecar of {path} lacks utf8_bytes; rerun `dvc repro -f tokenize`")
 
 
-def evaluate_split(model, path: Path, params: Params, device) -> dict:
+def evaluate_split(model, path: Path, params: Params, device, model_path: Path) -> dict:
     split = load_tokens(path)
     check_split(split, path, model.config.vocab_size)
+    check_same_tokenizer(model_path, split.meta.get("tokenizer_sha256"), f"token file {path}")
     # The checkpoint's own context length, not params': a model is evaluated as it was trained.
     counts = score_tokens(
         model, split.tokens, model.config.context_length, params.eval.stride, params.eval.batch_size, device, path.stem
@@ -172,7 +173,7 @@ def evaluate_model(model_path: str | Path, tokens_dir: str | Path, params: Param
         path = tokens_dir / f"{name}.bin"
         if name in OPTIONAL_SPLITS and not path.exists():
             continue
-        metrics = evaluate_split(model, path, params, device)
+        metrics = evaluate_split(model, path, params, device, Path(model_path))
         if name == "test":
             result.update(metrics)
         else:

@@ -152,6 +152,12 @@ class Trainer:
                 f"{tokens_dir}/val.bin has a vocab of {val.vocab_size} but train.bin {train.vocab_size}: "
                 "they come from different tokenizers; rerun `dvc repro -f tokenize`"
             )
+        if val.meta.get("tokenizer_sha256") != train.meta.get("tokenizer_sha256"):
+            raise LibrarianError(
+                f"{tokens_dir}/val.bin and train.bin were encoded by different tokenizers (sidecar sha256 "
+                f"differs); rerun `dvc repro -f tokenize`"
+            )
+        self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
         self.fingerprint = fingerprint(params, [train.meta, val.meta])
         ctx = params.model.context_length
         self.train_windows = Windows(train.tokens, ctx, self.tp.stride)
@@ -225,7 +231,7 @@ class Trainer:
             }
             keep = self.state_dir / "best.safetensors"
             with atomic_dir(self.state_dir) as tmp:
-                save_weights(self.model, tmp / "last.safetensors")
+                save_weights(self.model, tmp / "last.safetensors", self.tokenizer_sha256)
                 if keep.exists():
                     shutil.copyfile(keep, tmp / "best.safetensors")
                 save_state(state, tmp / "state.pt")
@@ -328,7 +334,7 @@ class Trainer:
         if val < p.best_val_loss:
             p.best_val_loss, p.best_epoch, p.bad_epochs = val, p.epoch + 1, 0
             if self.rank == 0:
-                save_weights(self.model, self.state_dir / "best.safetensors")
+                save_weights(self.model, self.state_dir / "best.safetensors", self.tokenizer_sha256)
         else:
             p.bad_epochs += 1
             if p.bad_epochs >= self.tp.patience and not p.stop_reason:
@@ -359,7 +365,7 @@ class Trainer:
                            config=self.model.config.to_dict(), environment=describe(self.device))
             with atomic_dir(self.out_dir) as tmp:
                 shutil.copyfile(self.state_dir / "best.safetensors", tmp / "model.safetensors")
-                save_weights(self.model, tmp / "last.safetensors")
+                save_weights(self.model, tmp / "last.safetensors", self.tokenizer_sha256)
                 write_json(tmp / "train.json", summary)
             remove_dir(self.state_dir)
         self._barrier()

@@ -12,8 +12,7 @@ Every case must end the same way:
 Some inputs the issue lists are not errors by design; they are checked at the end of this file as
 the behaviour they are documented to have (a 50 MB story is dropped by clean as too_long; stories
 longer than the context are fine for training; a prompt 100x the context keeps its end; control
-characters in a prompt are stripped). The tokenizer-hash check has no stage that gets both the token
-files and the tokenizer yet, so it is tested as a library function (check_tokenizer_matches).
+characters in a prompt are stripped).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ def world(tmp_path_factory) -> World:
     from librarian.config import TokenizerParams
     from librarian.io import write_stories
     from librarian.model import GPT, GPTConfig
-    from librarian.tokenizer import save_tokenizer, train_tokenizer
+    from librarian.tokenizer import file_sha256, save_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     stories = fixture_stories()
@@ -73,11 +72,14 @@ def world(tmp_path_factory) -> World:
     vocab = tok.get_vocab_size()
     torch.manual_seed(0)
     arch = {"context_length": CTX, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
-    save_weights(GPT(GPTConfig(vocab_size=vocab, **arch)), root / "model.safetensors")
+    # As the pipeline makes them: the token files and the model record the tokenizer's hash.
+    sha = file_sha256(root / "tokenizer.json")
+    save_weights(GPT(GPTConfig(vocab_size=vocab, **arch)), root / "model.safetensors", tokenizer_sha256=sha)
     save_weights(GPT(GPTConfig(vocab_size=64, **arch)), root / "model64.safetensors")
     rng = np.random.default_rng(0)
     for split, n in (("train", 600), ("val", 200), ("test", 200)):
         write_tokens(root / "tokens", split, rng.integers(1, vocab, n), vocab)
+        sidecar(root / "tokens", split, tokenizer_sha256=sha)
     (root / "clean").mkdir()
     for split, part in (("train", stories[:20]), ("val", stories[20:25]), ("test", stories[25:30])):
         write_stories(root / "clean" / f"{split}.parquet", part)
@@ -224,7 +226,18 @@ def broken_tokens(c: Ctx, how: str, split: str = "train") -> Path:
         write_tokens(tokens, "val", [], c.world.vocab)
     elif how == "shorter than a window":
         write_tokens(tokens, "val", [1, 2, 3, 0], c.world.vocab)
+    elif how == "another tokenizer":
+        sidecar(tokens, split, tokenizer_sha256="0" * 64)
+    if how in ("empty", "shorter than a window"):  # rewritten by the same tokenizer as the rest
+        sidecar(tokens, "val", tokenizer_sha256=json.loads((tokens / "train.json").read_text())["tokenizer_sha256"])
     return tokens
+
+
+def reformatted_tokenizer(c: Ctx) -> Path:
+    """The same tokenizer saved with other whitespace: it loads fine, but is not the model's file."""
+    path = c.tmp / "tokenizer.json"
+    path.write_text(json.dumps(json.loads(c.world.tokenizer.read_text()), indent=1))
+    return path
 
 
 def no_special_tokens_tokenizer(c: Ctx) -> Path:
@@ -250,8 +263,8 @@ def other_architecture(c: Ctx) -> Path:
 
     with safe_open(str(c.world.model), framework="pt") as f:
         meta = dict(f.metadata())
-    config = json.loads(meta["librarian.gpt_config"])
-    meta["librarian.gpt_config"] = json.dumps({**config, "n_layer": 2})
+    content = json.loads(meta["librarian"])
+    meta["librarian"] = json.dumps({**content, "gpt_config": {**content["gpt_config"], "n_layer": 2}})
     path = c.tmp / "model.safetensors"
     save_file(load_file(str(c.world.model)), str(path), metadata=meta)
     return path
@@ -369,6 +382,10 @@ CASES = [
     ("tokens/empty split", lambda c: c.train(broken_tokens(c, "empty")), ["is empty", "needs stories"]),
     ("tokens/split shorter than a window", lambda c: c.train(broken_tokens(c, "shorter than a window")),
      ["shorter than one window", "shorter context"]),
+    ("tokens/train and val from different tokenizers", lambda c: c.train(broken_tokens(c, "another tokenizer", "val")),
+     ["encoded by different tokenizers", "dvc repro -f tokenize"]),
+    ("tokens/another tokenizer than the model's", lambda c: c.evaluate(tokens=broken_tokens(c, "another tokenizer", "test")),
+     ["test.bin comes from another tokenizer (sha256 0000000000000000)", "use the matching files"]),
     ("tokens/ids >= vocab size at evaluate", lambda c: c.evaluate(tokens=broken_tokens(c, "id beyond vocab", "test")),
      ["token id", "dvc repro -f tokenize"]),
     # checkpoints, read by evaluate, samples and the librarian command
@@ -384,6 +401,10 @@ CASES = [
      ["not found", "dvc repro train"]),
     ("checkpoint/vocab mismatch with tokenizer", lambda c: c.samples(model=c.world.model_64),
      ["expects 64", "use the tokenizer the model was trained with"]),
+    ("tokenizer/not the one the model was trained with", lambda c: c.samples(tokenizer=reformatted_tokenizer(c)),
+     ["comes from another tokenizer", "than model", "use the matching files"]),
+    ("tokenizer/not the model's, at generate", lambda c: c.generate("--prompt", "Hi", tokenizer=reformatted_tokenizer(c)),
+     ["comes from another tokenizer"]),
     ("checkpoint/truncated, at samples", lambda c: c.samples(model=truncated(c, c.world.model, 0.9)),
      ["model.safetensors"]),
     # generation: the librarian command
@@ -488,22 +509,3 @@ def test_control_characters_in_a_prompt_are_stripped(tmp_path, world):
     result = run(c.generate("--prompt", "Once\x1b[31m upon\x07 a\ttime"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Once[31m upon a\ttime")
-
-
-# --- the tokenizer hash: a library check, until a stage gets both inputs ---------------------------
-
-
-def test_token_files_must_come_from_the_tokenizer(tmp_path, world):
-    from librarian.data import check_tokenizer_matches, load_tokens
-    from librarian.errors import LibrarianError
-    from librarian.tokenizer import file_sha256
-
-    tokens = tmp_path / "tokens"
-    shutil.copytree(world.tokens, tokens)
-    sidecar(tokens, "train", tokenizer_sha256=file_sha256(world.tokenizer))
-    check_tokenizer_matches(load_tokens(tokens / "train.bin"), tokens / "train.bin", world.tokenizer)
-    sidecar(tokens, "train", tokenizer_sha256="0" * 64)
-    with pytest.raises(LibrarianError) as info:
-        check_tokenizer_matches(load_tokens(tokens / "train.bin"), tokens / "train.bin", world.tokenizer)
-    message = str(info.value)
-    assert "\n" not in message and "another tokenizer" in message and "dvc repro -f tokenize" in message

@@ -29,7 +29,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from librarian.checkpoint import CONFIG_KEY, load_state, load_weights, read_config, save_state, save_weights
+from librarian.checkpoint import (
+    META_KEY,
+    load_state,
+    load_weights,
+    model_metadata,
+    read_config,
+    save_state,
+    save_weights,
+)
 from librarian.errors import LibrarianError
 from librarian.model import GPT, GPTConfig
 
@@ -129,7 +137,7 @@ def test_a_truncated_model_file_is_refused(model_file, tmp_path):
 
 
 def save_foreign(path: Path, tensors: dict, config: dict | None) -> Path:
-    metadata = None if config is None else {CONFIG_KEY: json.dumps(config)}
+    metadata = None if config is None else model_metadata(config)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
 
@@ -149,7 +157,7 @@ def test_a_model_file_of_another_architecture_is_refused(tmp_path, case):
     if case == "no_config":  # safetensors from another tool: no Librarian metadata at all
         meta = None
     elif case == "bad_config_json":
-        save_file(tensors, str(tmp_path / "m.safetensors"), metadata={CONFIG_KEY: "{not json"})
+        save_file(tensors, str(tmp_path / "m.safetensors"), metadata={META_KEY: "{not json"})
     elif case == "unknown_config_field":
         meta = {**meta, "n_experts": 8}
     elif case == "other_names":  # e.g. a Hugging Face GPT-2 checkpoint
