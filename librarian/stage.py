@@ -55,7 +55,7 @@ def run_stage(main):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
-            print("error: interrupted; nothing was written, rerun the stage to start again", file=sys.stderr)
+            print("error: interrupted; no partial output was left: rerun the stage to finish (training resumes from its last checkpoint)", file=sys.stderr)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence for a clear message
             if debug:
