@@ -3,6 +3,7 @@
     librarian generate --prompt "Once upon a time" [--temperature 0.8 --top-k 50 --top-p 0.95 ...]
     librarian chat [--temperature ...]
     librarian export --format hf OUT
+    librarian compare [--metrics metrics/metrics.json] [--reference results/reference.json]
 
 The model and tokenizer default to the pipeline's outputs (data/model/model.safetensors,
 data/tokenizer.json), so these run from the project root after `dvc repro`. A problem the user can
@@ -33,7 +34,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     parser = Parser(prog="librarian", description="Use a trained Librarian model: generate text, chat, export.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,export}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,export,compare}")
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text as it comes",
                                    description="Print the prompt, then the model's continuation as it is generated.")
@@ -57,7 +58,21 @@ def build_parser() -> Parser:
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: a GPT-2 transformers folder (default)")
     add_model_options(export)
     export.set_defaults(run=run_export)
+
+    compare = commands.add_parser("compare", help="compare a run's test metrics with the published reference runs",
+                                  description="Print your metrics/metrics.json beside results/reference.json.")
+    compare.add_argument("--metrics", type=Path, default=Path("metrics/metrics.json"),
+                         help="the evaluate stage's output (default: metrics/metrics.json)")
+    compare.add_argument("--reference", type=Path, default=Path("results/reference.json"),
+                         help="the reference runs (default: results/reference.json)")
+    compare.set_defaults(run=run_compare)
     return parser
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from librarian.results import compare
+
+    print(compare(args.metrics, args.reference))
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

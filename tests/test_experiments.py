@@ -193,6 +193,9 @@ def test_queued_experiments_run_in_the_background(project, queued):
     logs = dvc("queue", "logs", "q1", cwd=project)
     assert ran(logs) == RERUN, logs
     assert run(["git", "status", "--porcelain"], project) == "", "the queue runs outside the workspace"
+    for name in ["q1", "q2", "lr-high"]:  # an experiment commits params, lock and curves; never data
+        committed = run(["git", "ls-tree", "-r", "--name-only", shown[name]["rev"]], project).split()
+        assert not [f for f in committed if f.startswith("data/")], committed
 
     # The worker exits on its own once the queue is empty: nothing is left running.
     deadline = time.monotonic() + 60
