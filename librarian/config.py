@@ -90,7 +90,9 @@ class ModelParams(Section):
     n_head: PositiveInt
     d_model: PositiveInt
     d_ff: PositiveInt
-    context_length: PositiveInt
+    # Capped: each layer keeps a context x context causal mask (and RoPE tables), so a model file
+    # claiming a huge context must not make us allocate gigabytes before its tensors are checked.
+    context_length: Annotated[int, Field(ge=1, le=8192)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
     # Beyond the card, off by default:
     position: Literal["learned", "rope"]

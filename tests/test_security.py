@@ -149,7 +149,7 @@ def own_tensors(config: GPTConfig) -> dict:
 @pytest.mark.parametrize(
     "case",
     ["no_config", "bad_config_json", "unknown_config_field", "other_names", "extra_tensor", "missing_tensor",
-     "wider", "deeper_config", "other_vocab_in_tensors", "huge_config", "impossible_config"],
+     "wider", "deeper_config", "other_vocab_in_tensors", "huge_config", "impossible_config", "rope_huge_context"],
 )
 def test_a_model_file_of_another_architecture_is_refused(tmp_path, case):
     config = tiny_config()
@@ -176,6 +176,9 @@ def test_a_model_file_of_another_architecture_is_refused(tmp_path, case):
         meta = {**meta, "vocab_size": 10**12, "d_model": 10**6}
     elif case == "impossible_config":  # heads that do not divide the width
         meta = {**meta, "n_head": 3}
+    elif case == "rope_huge_context":  # RoPE has no position tensor to check: the context must be capped
+        tensors = own_tensors(tiny_config(position="rope"))
+        meta = {**tiny_config(position="rope").to_dict(), "context_length": 10**7}
     path = tmp_path / "m.safetensors"
     if case != "bad_config_json":
         save_foreign(path, tensors, meta)
