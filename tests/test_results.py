@@ -1,0 +1,52 @@
+"""The published reference runs and `librarian compare`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from librarian.errors import LibrarianError
+from librarian.results import COLUMNS, compare, load_reference
+from tests.conftest import ROOT
+
+
+def test_the_committed_reference_file_is_complete():
+    data = json.loads((ROOT / "results" / "reference.json").read_text())
+    runs = data["runs"]
+    assert {"card", "card-config", "best-recipe"} <= set(runs)
+    for name, run in runs.items():
+        assert set(COLUMNS) <= set(run["metrics"]), name
+        assert run["metrics"]["perplexity"] == pytest.approx(2.718281828 ** run["metrics"]["loss"], rel=2e-3), name
+        if name != "card":  # our runs: exact params, data fingerprint, what the training cost
+            assert run["params"]["model"] == runs["card-config"]["params"]["model"] | {
+                k: run["params"]["model"][k] for k in ("dropout", "attention")}
+            assert run["data"] == data["data"]["fingerprint"] and run["n_params"] == 1_305_600
+            assert run["training"]["tokens_seen"] > 0 and run["training"]["wall_time_s"] > 0
+    assert runs["best-recipe"]["metrics"]["perplexity"] <= runs["card"]["metrics"]["perplexity"]
+    # The data fingerprint names every shard by hash, never a path outside the project.
+    assert all(len(shard["sha256"]) == 64 for shard in data["data"]["fingerprint"]["shards"])
+
+
+def test_compare_prints_every_reference_run_and_the_differences(tmp_path):
+    reference = load_reference(ROOT / "results" / "reference.json")
+    metrics = {**reference["card"], "loss": reference["card"]["loss"] + 0.5}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    table = compare(tmp_path / "metrics.json", ROOT / "results" / "reference.json")
+    lines = table.splitlines()
+    assert lines[0].split() == ["run", "loss", "ppl", "top-1", "top-5", "top-10", "bits/byte"]
+    assert [line.split()[0] for line in lines[1:len(reference) + 1]] == list(reference)
+    card_delta = next(line for line in lines if line.startswith("this run - card "))
+    assert card_delta.split()[4] == "+0.5000" and card_delta.split()[6] == "+0.00%"
+
+
+def test_compare_refuses_missing_or_broken_files_in_one_line(tmp_path):
+    with pytest.raises(LibrarianError, match="run the pipeline first"):
+        compare(tmp_path / "none.json", ROOT / "results" / "reference.json")
+    (tmp_path / "ref.json").write_text('{"runs": {"x": 3}}')
+    (tmp_path / "m.json").write_text("{}")
+    with pytest.raises(LibrarianError, match="has no runs with metrics"):
+        compare(tmp_path / "m.json", tmp_path / "ref.json")
+    result = subprocess.run([sys.executable, "-m", "librarian.cli", "compare", "--metrics", str(tmp_path / "x.json")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: metrics file") and len(result.stderr.splitlines()) == 1
