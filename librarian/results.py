@@ -56,7 +56,7 @@ def comparison(metrics: dict, reference: dict[str, dict]) -> str:
             ours, theirs = metrics.get(key), m.get(key)
             if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)):
                 delta = ours - theirs
-                deltas.append(f"{delta:+.2%}" if key.endswith("accuracy") else f"{delta:+.4f}")
+                deltas.append(f"{delta * 100:+.2f}pt" if key.endswith("accuracy") else f"{delta:+.4f}")  # points
             else:
                 deltas.append("-")
         rows.append((f"this run - {name}", deltas))

@@ -37,7 +37,7 @@ def test_compare_prints_every_reference_run_and_the_differences(tmp_path):
     assert lines[0].split() == ["run", "loss", "ppl", "top-1", "top-5", "top-10", "bits/byte"]
     assert [line.split()[0] for line in lines[1:len(reference) + 1]] == list(reference)
     card_delta = next(line for line in lines if line.startswith("this run - card "))
-    assert card_delta.split()[4] == "+0.5000" and card_delta.split()[6] == "+0.00%"
+    assert card_delta.split()[4] == "+0.5000" and card_delta.split()[6] == "+0.00pt"
 
 
 def test_compare_refuses_missing_or_broken_files_in_one_line(tmp_path):
