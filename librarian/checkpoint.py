@@ -46,14 +46,11 @@ def save_weights(model: GPT, path: str | Path, tokenizer_sha256: str | None = No
 
 def read_tokenizer_sha256(path: str | Path) -> str | None:
     """The hash of the tokenizer the model was trained with; None for files that do not record it."""
-    read_config(path)  # a clear error first if this is no model file
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()[META_KEY]).get("tokenizer_sha256")
+    return read_metadata(path).get("tokenizer_sha256")
 
 
-def check_same_tokenizer(model_path: str | Path, recorded: str | None, what: str) -> None:
-    """Refuse `what` when it comes from another tokenizer than the one the model was trained with."""
-    expected = read_tokenizer_sha256(model_path)
+def check_same_tokenizer(model_path: str | Path, expected: str | None, recorded: str | None, what: str) -> None:
+    """Refuse `what` (hash `recorded`) when the model at model_path was trained with another tokenizer (`expected`)."""
     if expected and recorded and recorded != expected:
         raise LibrarianError(
             f"{what} comes from another tokenizer (sha256 {recorded[:16]}) than model {model_path} was trained "
@@ -61,23 +58,43 @@ def check_same_tokenizer(model_path: str | Path, recorded: str | None, what: str
         )
 
 
-def read_config(path: str | Path) -> GPTConfig:
+# Everything that can go wrong reading a file that is not ours (or no longer whole).
+_NOT_OURS = (SafetensorError, OSError, ValueError, KeyError, TypeError)
+
+
+def _not_ours(path: Path, exc: BaseException) -> LibrarianError:
+    return LibrarianError(
+        f"{path} is not a Librarian model file ({type(exc).__name__}); it may be truncated or from another tool"
+    )
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The file's Librarian metadata entry, parsed: {"gpt_config": ..., "tokenizer_sha256": ...}."""
     path = Path(path)
     if not path.exists():
         raise LibrarianError(f"model file {path} not found; train a model first (`dvc repro train`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        config = GPTConfig(**json.loads(metadata[META_KEY])["gpt_config"])
+        content = json.loads(metadata[META_KEY])
+        if not isinstance(content, dict):
+            raise TypeError("metadata is not a JSON object")
+        return content
+    except _NOT_OURS as exc:
+        raise _not_ours(path, exc) from None
+
+
+def read_config(path: str | Path) -> GPTConfig:
+    content = read_metadata(path)
+    try:
+        config = GPTConfig(**content["gpt_config"])
         # The checks params.yaml gets, so a corrupt or forged config cannot build a broken model.
         ModelParams.model_validate({k: v for k, v in config.to_dict().items() if k != "vocab_size"}, strict=False)
         if not (isinstance(config.vocab_size, int) and config.vocab_size > 0):
             raise ValueError(f"vocab_size {config.vocab_size!r}")
         return config
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise LibrarianError(
-            f"{path} is not a Librarian model file ({type(exc).__name__}); it may be truncated or from another tool"
-        ) from None
+    except _NOT_OURS as exc:
+        raise _not_ours(Path(path), exc) from None
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu", **overrides) -> GPT:

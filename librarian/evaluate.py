@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from librarian.checkpoint import check_same_tokenizer, load_weights
+from librarian.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 from librarian.config import Params
 from librarian.data import TokenFile, load_tokens
 from librarian.errors import LibrarianError
@@ -147,10 +147,10 @@ def check_split(split: TokenFile, path: Path, vocab_size: int) -> None:
         raise LibrarianError(f"sidecar of {path} lacks utf8_bytes; rerun `dvc repro -f tokenize`")
 
 
-def evaluate_split(model, path: Path, params: Params, device, model_path: Path) -> dict:
+def evaluate_split(model, path: Path, params: Params, device, model_path: Path, trained_with: str | None) -> dict:
     split = load_tokens(path)
     check_split(split, path, model.config.vocab_size)
-    check_same_tokenizer(model_path, split.meta.get("tokenizer_sha256"), f"token file {path}")
+    check_same_tokenizer(model_path, trained_with, split.meta.get("tokenizer_sha256"), f"token file {path}")
     # The checkpoint's own context length, not params': a model is evaluated as it was trained.
     counts = score_tokens(
         model, split.tokens, model.config.context_length, params.eval.stride, params.eval.batch_size, device, path.stem
@@ -161,6 +161,7 @@ def evaluate_split(model, path: Path, params: Params, device, model_path: Path) 
 def evaluate_model(model_path: str | Path, tokens_dir: str | Path, params: Params, device="cpu") -> dict:
     """Test metrics as flat keys, val (and official_validation, if tokenized) nested, plus n_params."""
     model = load_weights(model_path, device)
+    trained_with = read_tokenizer_sha256(model_path)  # read once, checked against every split
     context_length = model.config.context_length
     if params.eval.stride > context_length:
         raise LibrarianError(
@@ -173,7 +174,7 @@ def evaluate_model(model_path: str | Path, tokens_dir: str | Path, params: Param
         path = tokens_dir / f"{name}.bin"
         if name in OPTIONAL_SPLITS and not path.exists():
             continue
-        metrics = evaluate_split(model, path, params, device, Path(model_path))
+        metrics = evaluate_split(model, path, params, device, Path(model_path), trained_with)
         if name == "test":
             result.update(metrics)
         else:

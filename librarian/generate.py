@@ -159,12 +159,13 @@ class Generator:
 
     @classmethod
     def load(cls, model_path: str | Path, tokenizer_path: str | Path, device: str = "cpu") -> "Generator":
-        from librarian.checkpoint import check_same_tokenizer, load_weights
+        from librarian.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
         from librarian.tokenizer import file_sha256, load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_weights(model_path, device=device)
-        check_same_tokenizer(model_path, file_sha256(tokenizer_path), f"tokenizer {tokenizer_path}")
+        check_same_tokenizer(model_path, read_tokenizer_sha256(model_path), file_sha256(tokenizer_path),
+                             f"tokenizer {tokenizer_path}")
         if tokenizer.get_vocab_size() != model.config.vocab_size:
             raise LibrarianError(
                 f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size()} tokens but model {model_path} "

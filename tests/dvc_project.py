@@ -17,9 +17,13 @@ TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff"
         "train.lr": 3.0e-3, "train.threads": 1}
 
 
+def tool_env() -> dict:
+    """The environment DVC and the stages run in: this venv's python and dvc first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def run(cmd, cwd, **kw):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, **kw)
+    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=600, **kw)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 

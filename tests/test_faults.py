@@ -7,7 +7,6 @@ Then `dvc repro` rebuilds what is missing, resuming training from its saved stat
 artifact in dvc.lock has the uninterrupted run's hash.
 """
 
-import os
 import random
 import re
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, set_params
+from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, set_params, tool_env
 
 SEED = 20261124
 TRIALS_PER_STAGE = 2  # one SIGKILL, one SIGINT, in random order, at random delays
@@ -45,9 +44,13 @@ def remove(project: Path, paths: list[str]) -> None:
             target.unlink(missing_ok=True)
 
 
+def argv(cmd: str) -> list[str]:
+    """A dvc.yaml command line, run with this venv's python."""
+    return cmd.replace("python", sys.executable, 1).split()
+
+
 def start(project: Path, cmd: str) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.Popen(cmd.replace("python", sys.executable, 1).split(), cwd=project, env=env,
+    return subprocess.Popen(argv(cmd), cwd=project, env=tool_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -114,11 +117,10 @@ def _limit_file_size(limit: int):
 def test_a_full_disk_stops_every_stage_with_one_line_and_no_output(built_project, tmp_path):
     project = tmp_path / "full"
     shutil.copytree(built_project, project, symlinks=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dvc("status", cwd=project)  # DVC's own state database (dvclive opens it) exists before the disk fills
     for name, (cmd, outs) in stage_commands(project).items():
         remove(project, outs)
-        result = subprocess.run(cmd.replace("python", sys.executable, 1).split(), cwd=project, env=env,
+        result = subprocess.run(argv(cmd), cwd=project, env=tool_env(),
                                 capture_output=True, text=True, preexec_fn=_limit_file_size(WRITE_LIMITS[name]))
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
         assert result.returncode == 1 and len(lines) == 1, (name, result.stderr)

@@ -1,7 +1,6 @@
 """End to end: `dvc repro` of the whole pipeline in a temporary git+dvc copy of the project."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dvc_project import dvc, make_project, ran, run, set_params
+from tests.dvc_project import dvc, make_project, ran, run, set_params, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +119,7 @@ def test_killed_training_resumes_under_dvc_repro_bit_identical(project):
     import psutil
 
     set_params(project, **{"train.max_steps": 90, "train.checkpoint_every": 5})
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env,
+    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=tool_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = project / "data" / "train_state" / "state.pt"
     stage = None
