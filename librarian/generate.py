@@ -98,7 +98,7 @@ def generate_ids(
             hidden = model.hidden(torch.tensor([ids[new_start:]], device=device))
         start = new_start
         # Only the last position's logits are needed: skip the output head everywhere else.
-        token = next_token(model.lm_head(hidden[0, -1]).cpu(), sampling, generator)
+        token = next_token(model.next_logits(hidden[0, -1]).cpu(), sampling, generator)
         if token in stop_ids:
             return
         ids.append(token)

@@ -89,8 +89,6 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.d_model // config.n_head
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.fused = config.attention == "sdpa"
         # The explicit causal mask of the card: position t may attend to positions <= t only.
@@ -106,8 +104,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         past = cache.length if cache is not None else 0
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # q, k and v as (B, H, T, D) views in one go: a decoding step pays per op, not per FLOP.
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.rope_cos is not None:
             q = apply_rope(q, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
             k = apply_rope(k, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
@@ -126,10 +124,10 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
+            att = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training)
             y = att @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -139,12 +137,12 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.d_model, config.d_ff)
         self.gate = nn.Linear(config.d_model, config.d_ff) if self.swiglu else None
         self.proj = nn.Linear(config.d_ff, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Exact (erf) GELU, as in the card and GPT-2's "gelu" in transformers.
         h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x))
-        return self.dropout(self.proj(h))
+        return F.dropout(self.proj(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -168,7 +166,6 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -201,13 +198,26 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds the context length {self.config.context_length}")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
-        x = self.drop(x)
+            x = x + self.pos_emb.weight[past : past + T]  # rows past.. of the table: the positions' embeddings
+        x = F.dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
+
+    def next_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (V,) of the next token from one position's final hidden state (d_model,).
+
+        Decoding reads the whole tied head for every token, and MKL's matrix-vector product runs
+        about twice as fast against a (d_model, V) copy as against the (V, d_model) weight itself.
+        The copy is made once per version of the weights, so training or loading new ones renews it.
+        """
+        weight = self.lm_head.weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        if getattr(self, "_head_key", None) != key:
+            self._head_t, self._head_key = weight.detach().t().contiguous(), key
+        return hidden @ self._head_t
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.context_length)

@@ -90,3 +90,16 @@ def test_fused_loss_equals_head_plus_cross_entropy(amp):
     torch.testing.assert_close(fused, plain, **tolerance)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], **tolerance, msg=name)
+
+
+def test_next_logits_equal_the_head_and_follow_new_weights():
+    """Decoding's head reads a transposed copy of the tied weight: it must never go stale."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    hidden = model.hidden(torch.randint(0, 50, (1, 5)))[0, -1]
+    assert torch.allclose(model.next_logits(hidden), model.lm_head(hidden), atol=1e-6)
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(-2.0)  # an optimizer step: the weight changes in place
+    assert torch.allclose(model.next_logits(hidden), model.lm_head(hidden), atol=1e-6)
+    model.load_state_dict(GPT(GPTConfig(**TINY)).state_dict())  # new weights loaded into the same model
+    assert torch.allclose(model.next_logits(hidden), model.lm_head(hidden), atol=1e-6)
