@@ -24,6 +24,8 @@ from librarian.model import GPT, GPTConfig
 # the tokenizer.json whose ids the model was trained on (from the token files' sidecar): ids of
 # another tokenizer are in range and look fine, but mean other text.
 META_KEY = "librarian"
+# Model files of earlier versions carry the GPTConfig alone, under this key: they still load.
+LEGACY_CONFIG_KEY = "librarian.gpt_config"
 # The output head shares the token embedding's matrix, so it is stored once, under tok_emb.weight.
 TIED = "lm_head.weight"
 
@@ -76,6 +78,8 @@ def read_metadata(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
+        if META_KEY not in metadata and LEGACY_CONFIG_KEY in metadata:
+            return {"gpt_config": json.loads(metadata[LEGACY_CONFIG_KEY])}
         content = json.loads(metadata[META_KEY])
         if not isinstance(content, dict):
             raise TypeError("metadata is not a JSON object")

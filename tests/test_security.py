@@ -30,11 +30,13 @@ import torch
 from safetensors.torch import save_file
 
 from librarian.checkpoint import (
+    LEGACY_CONFIG_KEY,
     META_KEY,
     load_state,
     load_weights,
     model_metadata,
     read_config,
+    read_tokenizer_sha256,
     save_state,
     save_weights,
 )
@@ -185,6 +187,22 @@ def test_a_model_file_of_another_architecture_is_refused(tmp_path, case):
     with pytest.raises(LibrarianError) as exc:
         load_weights(path)
     assert_one_line(exc, str(path))
+
+
+def test_a_model_file_of_an_earlier_version_still_loads_and_is_checked_the_same(tmp_path):
+    """Earlier versions kept the config alone under `librarian.gpt_config`: a user's model still loads."""
+    config = tiny_config()
+    tensors = own_tensors(config)
+    path = tmp_path / "old.safetensors"
+    save_file(tensors, str(path), metadata={LEGACY_CONFIG_KEY: json.dumps(config.to_dict())})
+    loaded = load_weights(path)
+    assert loaded.config == config and read_tokenizer_sha256(path) is None
+    assert all(torch.equal(loaded.state_dict()[name], t) for name, t in tensors.items())
+    forged = tmp_path / "forged.safetensors"  # the old key is validated like the new one
+    save_file(tensors, str(forged), metadata={LEGACY_CONFIG_KEY: json.dumps({**config.to_dict(), "n_head": 3})})
+    with pytest.raises(LibrarianError) as exc:
+        load_weights(forged)
+    assert_one_line(exc, str(forged))
 
 
 def test_a_model_and_tokenizer_of_different_vocabularies_are_refused(model_file, tiny):
