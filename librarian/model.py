@@ -170,6 +170,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix, counted once
+        self._head_t, self._head_key = None, None  # next_logits' transposed head and the weights it was made from
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream keeps its variance in check.
         for name, p in self.named_parameters():
@@ -215,7 +216,7 @@ class GPT(nn.Module):
         """
         weight = self.lm_head.weight
         key = (weight.data_ptr(), weight._version, weight.device)
-        if getattr(self, "_head_key", None) != key:
+        if self._head_key != key:
             self._head_t, self._head_key = weight.detach().t().contiguous(), key
         return hidden @ self._head_t
 
