@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from librarian.errors import LibrarianError
 
@@ -22,7 +22,30 @@ DEFAULT_PARAMS = Path("params.yaml")
 UINT16_VOCAB_LIMIT = 2**16
 REQUIRED_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")
 
-PositiveInt = Annotated[int, Field(ge=1)]
+
+
+def _integral(value: object) -> object:
+    """A count written as 1500000.0 (what `dvc exp run -S key=1.5e6` stores) is the integer 1500000.
+
+    A non-integral float, or text such as "1.5e6" (YAML 1.1 reads an exponent without a sign as
+    text), is refused with the integer to write instead.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and any(c in value for c in ".eE"):  # "32" stays a type error: quoted by mistake
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # the strict int check reports it as text
+        if number.is_integer():
+            raise ValueError(f"must be an integer: write {int(number)}, not {value!r} (YAML reads {value} as text)")
+    return value
+
+
+# Every count: an integral float is accepted as its integer, so -S train.max_tokens=1.5e6 works.
+Count = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[Count, Field(ge=1)]
+NonNegativeInt = Annotated[Count, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
@@ -47,8 +70,9 @@ class DataParams(Section):
 
 
 class CleanParams(Section):
-    min_chars: Annotated[int, Field(ge=0)]
+    min_chars: NonNegativeInt
     max_chars: PositiveInt
+    drop_fragments: bool  # drop stories that end mid-sentence (no terminal punctuation)
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -58,7 +82,7 @@ class CleanParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: Annotated[int, Field(ge=257, le=UINT16_VOCAB_LIMIT)]
+    vocab_size: Annotated[Count, Field(ge=257, le=UINT16_VOCAB_LIMIT)]
     min_frequency: PositiveInt
     special_tokens: list[Annotated[str, Field(min_length=1)]]
 
@@ -92,7 +116,7 @@ class ModelParams(Section):
     d_ff: PositiveInt
     # Capped: each layer keeps a context x context causal mask (and RoPE tables), so a model file
     # claiming a huge context must not make us allocate gigabytes before its tensors are checked.
-    context_length: Annotated[int, Field(ge=1, le=8192)]
+    context_length: Annotated[Count, Field(ge=1, le=8192)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
     # Beyond the card, off by default:
     position: Literal["learned", "rope"]
@@ -124,15 +148,16 @@ class TrainParams(Section):
     beta1: Annotated[float, Field(ge=0, lt=1)]
     beta2: Annotated[float, Field(ge=0, lt=1)]
     schedule: Literal["constant", "cosine"]
-    warmup_steps: Annotated[int, Field(ge=0)]
+    warmup_steps: NonNegativeInt
     min_lr: Annotated[float, Field(ge=0)]
     grad_clip: Annotated[float, Field(ge=0)]
     compile: bool
     fused_loss: bool
-    max_steps: Annotated[int, Field(ge=0)]
-    max_tokens: Annotated[int, Field(ge=0)]
-    checkpoint_every: Annotated[int, Field(ge=0)]
-    threads: Annotated[int, Field(ge=0)]
+    max_steps: NonNegativeInt
+    max_tokens: NonNegativeInt
+    checkpoint_every: NonNegativeInt
+    log_every: PositiveInt  # a train loss and lr point every this many optimizer steps
+    threads: NonNegativeInt
     deterministic: bool
 
     @model_validator(mode="after")
@@ -145,19 +170,21 @@ class TrainParams(Section):
 class EvalParams(Section):
     stride: PositiveInt
     batch_size: PositiveInt
+    threads: NonNegativeInt  # 0 = auto: the fastest count for the model's size
 
 
 class SamplesParams(Section):
     prompts: list[Annotated[str, Field(min_length=1)]]
     max_new_tokens: PositiveInt
     temperature: Annotated[float, Field(ge=0)]
-    top_k: Annotated[int, Field(ge=0)]
+    top_k: NonNegativeInt
     top_p: Annotated[float, Field(gt=0, le=1)]
-    seed: Annotated[int, Field(ge=0)]
+    seed: NonNegativeInt
+    threads: NonNegativeInt  # 0 = auto: the fastest count for the model's size
 
 
 class Params(Section):
-    seed: Annotated[int, Field(ge=0)]
+    seed: NonNegativeInt
     data: DataParams
     clean: CleanParams
     tokenizer: TokenizerParams

@@ -37,6 +37,9 @@ BAD = [
     ("tokenizer.special_tokens", ["<pad>"], ["special_tokens", "missing <|endoftext|>"]),
     ("clean.min_chars", 50000, ["min_chars (50000) must be < max_chars"]),
     ("data.source", "", ["data.source", "at least 1 character"]),
+    # YAML 1.1 reads 1.5e6 (no exponent sign) as text: say which integer to write.
+    ("train.max_tokens", "1.5e6", ["train.max_tokens", "write 1500000"]),
+    ("train.max_tokens", 1.5, ["train.max_tokens", "valid integer"]),
 ]
 
 
@@ -57,6 +60,13 @@ def test_bad_params_name_the_key_and_the_fix(raw_params, key, value, words):
     assert message.startswith("params.yaml: ")
     for word in words:
         assert word in message
+
+
+def test_integral_floats_are_accepted_as_counts(make_params):
+    # What `dvc exp run -S train.max_tokens=1.5e6` stores in params.yaml: 1500000.0.
+    params = make_params(**{"train.max_tokens": 1.5e6, "train.batch_size": 32.0, "seed": 7.0})
+    assert params.train.max_tokens == 1_500_000 and isinstance(params.train.max_tokens, int)
+    assert params.train.batch_size == 32 and params.seed == 7
 
 
 def test_several_problems_are_counted(raw_params):
