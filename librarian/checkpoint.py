@@ -75,6 +75,10 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise LibrarianError(f"model file {path} not found; train a model first (`dvc repro train`)")
+    if path.is_dir():  # safetensors would say only "Is a directory"
+        inside = path / "model.safetensors"
+        hint = f"did you mean {inside}?" if inside.is_file() else "give the path of a .safetensors file in it"
+        raise LibrarianError(f"model file {path} is a folder, not a file; {hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ftfy
 import numpy as np
+import regex
 
 from librarian.config import CleanParams, Params
 from librarian.errors import LibrarianError
@@ -90,13 +91,19 @@ RULES = (
 
 # --- filters -----------------------------------------------------------------------------------
 
-_ENDINGS = (".", "!", "?", '"', "'", ")")
+# A story ends properly with a character that ends sentences in any script: the Unicode property
+# Sentence_Terminal (. ! ? 。 ！ ？ । ؟ ။ ...; `regex` knows it, `unicodedata` does not), or a closing
+# quote or bracket (general categories Pe and Pf, and the straight quotes the ascii_punctuation rule
+# leaves): a story may end in dialogue, `"Thank you"`, and 」 follows 。 in Japanese. This keeps every
+# story the earlier ASCII-only rule (. ! ? " ' ) at the end) kept.
+_ENDING = regex.compile(r"""[\p{Sentence_Terminal}\p{Pe}\p{Pf}"']""")
 _THE_END = re.compile(r"the end\W*$", re.IGNORECASE)
 
 
 def is_fragment(text: str) -> bool:
     """A story cut off mid-sentence: it ends with neither closing punctuation nor "The End"."""
-    return not (text.endswith(_ENDINGS) or _THE_END.search(text))
+    # Only the last character is matched: a search for an end anchor would walk the whole story.
+    return not (_ENDING.fullmatch(text[-1:]) or _THE_END.search(text))
 
 
 def rejection(text: str, params: CleanParams) -> str | None:
@@ -107,7 +114,7 @@ def rejection(text: str, params: CleanParams) -> str | None:
         return "too_short"
     if len(text) > params.max_chars:
         return "too_long"
-    if is_fragment(text):
+    if params.drop_fragments and is_fragment(text):
         return "fragment"
     return None
 
@@ -210,7 +217,7 @@ def clean_corpus(in_dir: str | Path, out_dir: str | Path, report_path: str | Pat
         dropped = ", ".join(f"{n} {reason}" for reason, n in pool_report.dropped.items() if n) or "none"
         raise LibrarianError(
             f"no story is left after cleaning {pool_report.stories_in} (dropped: {dropped}); "
-            "check clean.min_chars / clean.max_chars and data.source"
+            "check clean.min_chars / clean.max_chars / clean.drop_fragments and data.source"
         )
     splits = split_stories(pool, params.data.val_fraction, params.data.test_fraction, params.seed)
     report = {"train_pool": pool_report.as_dict()}

@@ -2,8 +2,10 @@
 
     librarian generate --prompt "Once upon a time" [--temperature 0.8 --top-k 50 --top-p 0.95 ...]
     librarian chat [--temperature ...]
-    librarian export --format hf OUT
+    librarian export --format hf OUT [--force]
     librarian compare [--metrics metrics/metrics.json] [--reference results/reference.json]
+    librarian runs [--all-commits]
+    librarian plots [REV ...] [--out dvc_plots/offline]
 
 The model and tokenizer default to the pipeline's outputs (data/model/model.safetensors,
 data/tokenizer.json), so these run from the project root after `dvc repro`. A problem the user can
@@ -23,6 +25,7 @@ from librarian.stage import run_stage
 
 DEFAULT_MODEL = Path("data/model/model.safetensors")
 DEFAULT_TOKENIZER = Path("data/tokenizer.json")
+PROJECT_MARKERS = (Path("dvc.yaml"), Path("params.yaml"))  # what makes a folder the project folder
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     parser = Parser(prog="librarian", description="Use a trained Librarian model: generate text, chat, export.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,export,compare}")
+    commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text as it comes",
                                    description="Print the prompt, then the model's continuation as it is generated.")
@@ -54,8 +57,11 @@ def build_parser() -> Parser:
 
     export = commands.add_parser("export", help="write the model as a Hugging Face transformers folder",
                                  description="Export the model and tokenizer for AutoModelForCausalLM.from_pretrained.")
-    export.add_argument("out", type=Path, metavar="OUT", help="the folder to write (replaced whole if it exists)")
+    export.add_argument("out", type=Path, metavar="OUT",
+                        help="the folder to write: a new or empty one, or an earlier export with --force")
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: a GPT-2 transformers folder (default)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an earlier Librarian export at OUT (never a folder holding anything else)")
     add_model_options(export)
     export.set_defaults(run=run_export)
 
@@ -66,7 +72,47 @@ def build_parser() -> Parser:
     compare.add_argument("--reference", type=Path, default=Path("results/reference.json"),
                          help="the reference runs (default: results/reference.json)")
     compare.set_defaults(run=run_compare)
+
+    runs = commands.add_parser("runs", help="the experiments side by side: test metrics, then the params that differ",
+                               description="A compact `dvc exp show`: each experiment's test loss, perplexity, "
+                                           "top-k accuracy and bits/byte, and only the params that differ between them.")
+    runs.add_argument("-A", "--all-commits", action="store_true", help="every commit's experiments, not only HEAD's")
+    runs.set_defaults(run=run_runs)
+
+    plots = commands.add_parser("plots", help="draw the training curves offline: PNG files and one HTML page",
+                                description="Render the plots of `dvc plots show` (or `dvc plots diff REV...`) "
+                                            "without a network: a PNG per plot and an index.html with Vega inlined.")
+    plots.add_argument("revisions", nargs="*", metavar="REV",
+                       help="commits or experiments to draw side by side (default: the workspace)")
+    plots.add_argument("--out", type=Path, default=Path("dvc_plots/offline"),
+                       help="the folder to write (default: dvc_plots/offline; replaced whole on a rerun)")
+    plots.set_defaults(run=run_plots)
+
+    demo = commands.add_parser("demo", help="run the whole pipeline offline in about a minute, then generate and chat",
+                               description="Train a small model on the stories shipped in tests/fixtures/ "
+                                           "(`dvc exp run -n demo` with the settings of demo.yaml), then show it "
+                                           "generating and chatting. Needs no network.")
+    demo.set_defaults(run=run_demo)
     return parser
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from librarian.demo import run_demo
+
+    run_demo(Path.cwd())
+
+
+def run_runs(args: argparse.Namespace) -> None:
+    from librarian.runs import runs
+
+    print(runs(args.all_commits))
+
+
+def run_plots(args: argparse.Namespace) -> None:
+    from librarian.plots import render
+
+    index, *images = render(args.revisions, args.out)
+    print(f"plots: {len(images)} PNG files and {index} (opens offline)")
 
 
 def run_compare(args: argparse.Namespace) -> None:
@@ -88,6 +134,8 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     parser.add_argument("--seed", type=int, default=None, help="make the sampling repeatable (default: random)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (slower)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads; 0 = auto: the fastest for the model's size (default: 0)")
 
 
 def sampling_from(args: argparse.Namespace):
@@ -99,10 +147,20 @@ def sampling_from(args: argparse.Namespace):
     return Sampling(args.temperature, args.top_k, args.top_p)
 
 
+def use_threads(args: argparse.Namespace, generator) -> None:
+    """Decode on --threads torch threads, or the auto choice for this model (librarian/threads.py)."""
+    import torch
+
+    from librarian.threads import resolve_threads
+
+    torch.set_num_threads(resolve_threads(args.threads, generator.model.config.d_model, "--threads"))
+
+
 def run_generate(args: argparse.Namespace) -> None:
     from librarian.chat import strip_controls
     from librarian.generate import Generator
 
+    require_open("stdout", "generate prints its text there: leave stdout open, or send it to a file (> story.txt)")
     sampling = sampling_from(args)
     if args.num_samples < 1:
         raise LibrarianError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -110,6 +168,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if not prompt.strip():
         raise LibrarianError('the prompt is empty; give some text to continue, e.g. --prompt "Once upon a time"')
     generator = Generator.load(args.model, args.tokenizer)
+    use_threads(args, generator)
     out = sys.stdout
     for i in range(args.num_samples):
         if i:
@@ -128,8 +187,11 @@ def run_chat(args: argparse.Namespace) -> None:
     from librarian import chat
     from librarian.generate import Generator
 
+    require_open("stdin", "chat reads your messages from it: run it in a terminal, or pipe them in (< messages.txt)")
+    require_open("stdout", "chat prints its replies there: run it in a terminal, or send them to a file (> chat.txt)")
     sampling = sampling_from(args)
     generator = Generator.load(args.model, args.tokenizer)
+    use_threads(args, generator)
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     input_fn = input
@@ -151,13 +213,37 @@ def run_chat(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from librarian.export import export_hf
 
-    out = export_hf(args.model, args.tokenizer, args.out)
+    out = export_hf(args.model, args.tokenizer, args.out, force=args.force)
     print(f"export: {args.format} model written to {out}")
+
+
+def check_project(args: argparse.Namespace) -> None:
+    """The default model and tokenizer are relative to the project folder: from elsewhere, say where to run.
+
+    Explicit --model/--tokenizer paths work from anywhere; inside the project, a missing default is
+    reported by the loaders as "not found; train a model first".
+    """
+    missing = [name for name, default in (("model", DEFAULT_MODEL), ("tokenizer", DEFAULT_TOKENIZER))
+               if getattr(args, name, None) == default and not default.exists()]
+    here = Path.cwd()
+    if missing and not any((here / marker).is_file() for marker in PROJECT_MARKERS):
+        options = " and ".join(f"--{name}" for name in missing)
+        above = next((folder for folder in here.parents if (folder / "dvc.yaml").is_file()), None)
+        project = f"the project folder ({above})" if above else "the project folder, the one with dvc.yaml,"
+        raise LibrarianError(f"no Librarian project here ({here}: no dvc.yaml or params.yaml); "
+                             f"run from {project} or pass {options}")
+
+
+def require_open(stream: str, why: str) -> None:
+    """`<&-` or `>&-` closes a standard stream, and Python then sets sys.stdin/sys.stdout to None."""
+    if getattr(sys, stream) is None:
+        raise LibrarianError(f"{stream} is closed; {why}")
 
 
 def _main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        check_project(args)
         args.run(args)
     except KeyboardInterrupt:
         print("\n(interrupted)", file=sys.stderr)

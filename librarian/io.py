@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -27,6 +28,7 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -41,6 +43,22 @@ def atomic_path(path: str | Path):
 
 def _swapped_out(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete the temporary siblings of `path` that an earlier, killed writer left (kill -9, power loss).
+
+    Only names our writers make (`.NAME.<random>.tmp`): a user's own files beside it stay. No other
+    process is writing `path` now: DVC runs one stage at a time, the training state is locked.
+    """
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]+\.tmp")
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if not ours.fullmatch(sibling.name):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
 
 
 def recover_dir(path: str | Path) -> None:
@@ -62,15 +80,36 @@ def remove_dir(path: str | Path) -> None:
     shutil.rmtree(_swapped_out(path), ignore_errors=True)
 
 
+def ordinary_mode(directory: bool = False) -> int:
+    """The mode `mkdir` (0777) or `open` (0666) gives a new entry under the process umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    # os.umask can only read the mask by setting it, briefly changing it for every thread: read it
+    # from /proc where there is one.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
+    remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, ordinary_mode(directory=True))  # mkdtemp's 0700 would lock others out of the published folder
         if path.exists():
             old = _swapped_out(path)
             shutil.rmtree(old, ignore_errors=True)

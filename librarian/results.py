@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
+
 from librarian.errors import LibrarianError
 
 DEFAULT_REFERENCE = Path("results/reference.json")
@@ -46,26 +48,40 @@ def format_value(key: str, value) -> str:
     return f"{value:.2%}" if key.endswith("accuracy") else f"{value:.4f}" if key != "perplexity" else f"{value:.3f}"
 
 
+def format_delta(key: str, delta: float) -> str:
+    if math.isnan(delta):
+        return "-"
+    return f"{delta * 100:+.2f}pt" if key.endswith("accuracy") else f"{delta:+.4f}"  # accuracies in points
+
+
+def metrics_frame(runs: dict[str, dict]) -> pd.DataFrame:
+    """Run name -> its test metrics: one row per run, the COLUMNS as numbers (NaN where one is missing)."""
+    frame = pd.DataFrame.from_dict({name: dict(m) for name, m in runs.items()}, orient="index")
+    return frame.reindex(columns=list(COLUMNS)).apply(pd.to_numeric, errors="coerce").astype(float)
+
+
+def text_table(frame: pd.DataFrame, corner: str = "run") -> str:
+    """A frame of strings as plain text: run names left, values right, metric columns named as in the README."""
+    frame = frame.rename(columns=dict(zip(COLUMNS, HEADERS)))
+    frame.columns.name = corner  # printed in the index's header cell
+    return frame.to_string()
+
+
 def comparison(metrics: dict, reference: dict[str, dict]) -> str:
     """A plain-text table: each reference run, this run, and this run's difference from each."""
-    rows = [(name, [format_value(k, m.get(k)) for k in COLUMNS]) for name, m in reference.items()]
-    rows.append(("this run", [format_value(k, metrics.get(k)) for k in COLUMNS]))
-    for name, m in reference.items():
-        deltas = []
-        for key in COLUMNS:
-            ours, theirs = metrics.get(key), m.get(key)
-            if isinstance(ours, (int, float)) and isinstance(theirs, (int, float)):
-                delta = ours - theirs
-                deltas.append(f"{delta * 100:+.2f}pt" if key.endswith("accuracy") else f"{delta:+.4f}")  # points
-            else:
-                deltas.append("-")
-        rows.append((f"this run - {name}", deltas))
-    width = max(len(name) for name, _ in rows)
-    lines = [" ".join([f"{'run':<{width}}", *(f"{h:>10}" for h in HEADERS)])]
-    lines += [" ".join([f"{name:<{width}}", *(f"{v:>10}" for v in values)]) for name, values in rows]
-    return "\n".join(lines)
+    runs = metrics_frame({**reference, "this run": metrics})
+    ours = runs.loc["this run"]
+    deltas = pd.DataFrame([ours - runs.loc[name] for name in reference],
+                          index=[f"this run - {name}" for name in reference])
+    shown = pd.concat([runs.apply(lambda col: col.map(lambda v: format_value(col.name, v))),
+                       deltas.apply(lambda col: col.map(lambda d: format_delta(col.name, d)))])
+    return text_table(shown)
 
 
 def compare(metrics_path: str | Path = DEFAULT_METRICS, reference_path: str | Path = DEFAULT_REFERENCE) -> str:
     metrics = read_json(Path(metrics_path), "metrics file", "run the pipeline first (`dvc repro`)")
-    return comparison(metrics, load_reference(reference_path))
+    reference = load_reference(reference_path)
+    if metrics_frame({"this run": metrics}).isna().all(axis=None):
+        raise LibrarianError(f"metrics file {metrics_path} holds none of the test metrics ({', '.join(COLUMNS)}); "
+                             f"give the evaluate stage's output, {DEFAULT_METRICS}")
+    return comparison(metrics, reference)

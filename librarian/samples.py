@@ -3,7 +3,8 @@
 Every prompt is continued with the same seed and sampling settings (params.samples), each on its
 own: a sample does not depend on the prompts before it, so adding a prompt leaves the others as
 they were. The file names the model and tokenizer by the paths given (never absolute ones) and
-their SHA-256, and carries no timestamp: identical inputs give a byte-identical file.
+their SHA-256, and carries no timestamp: identical inputs give a byte-identical file. Generation
+runs on samples.threads torch threads (0 = auto, librarian/threads.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from librarian.config import SamplesParams
 from librarian.generate import Generator, Sampling
 from librarian.io import write_text
+from librarian.threads import resolve_threads, using_threads
 from librarian.tokenizer import file_sha256
 
 
@@ -60,13 +62,14 @@ def render_samples(
 def write_samples(model_path: str | Path, tokenizer_path: str | Path, out: str | Path, params: SamplesParams) -> str:
     """Generate the samples and write them to `out` atomically; returns the Markdown."""
     generator = Generator.load(model_path, tokenizer_path)
-    text = render_samples(
-        generator,
-        params,
-        display_path(model_path),
-        display_path(tokenizer_path),
-        file_sha256(model_path),
-        file_sha256(tokenizer_path),
-    )
+    with using_threads(resolve_threads(params.threads, generator.model.config.d_model, "samples.threads")):
+        text = render_samples(
+            generator,
+            params,
+            display_path(model_path),
+            display_path(tokenizer_path),
+            file_sha256(model_path),
+            file_sha256(tokenizer_path),
+        )
     write_text(out, text)
     return text

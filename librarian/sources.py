@@ -17,7 +17,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
+import os
 import re
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,18 +67,18 @@ def download(source: str, out_dir: str | Path, root: str | Path = ".") -> dict:
 
 # --- the hub ---------------------------------------------------------------------------------
 
+# The hub client retries a request that fails five times over about 25 s, logging each try. One
+# HEAD request of the endpoint first, with a short timeout, tells an unreachable hub in seconds.
+HUB_PROBE_SECONDS = 4.0
+# Loggers that narrate the client's retries and fallbacks; our one line says what matters.
+_HUB_LOGGERS = ("huggingface_hub", "datasets", "urllib3", "fsspec")
+
 
 def _download_hub(source: str, out_dir: Path) -> dict:
     name, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise LibrarianError(f"data.source {source!r} is not of the form hf:<owner>/<name>[@revision]")
-    try:
-        import datasets
-
-        loaded = datasets.load_dataset(name, revision=revision or None)
-    except Exception as exc:  # noqa: BLE001 - offline, DNS, 404 and auth all mean the same to a user
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise LibrarianError(f"cannot load {name} from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
+    loaded = _load_hub(name, revision or None)
     if TRAIN not in loaded:
         raise LibrarianError(f"hub dataset {name} has no train split (it has {', '.join(loaded)})")
     manifest = {"source": source, "kind": "hub", "dataset": name, "revision": revision or None, "splits": {}}
@@ -89,6 +94,96 @@ def _download_hub(source: str, out_dir: Path) -> dict:
             manifest["splits"][split] = {"stories": ds.num_rows, "fingerprint": ds._fingerprint}
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _load_hub(name: str, revision: str | None):
+    """The dataset, from the hub or, when it cannot be reached, from the Hugging Face cache.
+
+    With HF_HUB_OFFLINE=1 the hub is not tried at all. When the probe finds it unreachable, the load
+    runs in offline mode, which goes straight to the cache, where datasets would otherwise have
+    fallen back after its retries.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    unreachable = None if datasets.config.HF_HUB_OFFLINE else hub_unreachable(constants.ENDPOINT)
+    try:
+        with _quiet_hub_client(), _hub_offline(bool(unreachable) or datasets.config.HF_HUB_OFFLINE):
+            return datasets.load_dataset(name, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, 404 and auth all mean the same to a user
+        not_cached = isinstance(exc, ConnectionError)  # offline, and the cache has no copy
+        if unreachable and not_cached:
+            reason = f"{constants.ENDPOINT} is unreachable: {unreachable}"
+        elif datasets.config.HF_HUB_OFFLINE and not_cached:
+            reason = "HF_HUB_OFFLINE is set and the Hugging Face cache has no copy"
+        else:
+            reason = _first_line(exc)
+        raise LibrarianError(f"cannot load {name} from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why `endpoint` cannot be reached, or None when it answers (with any HTTP status) within `timeout`.
+
+    The request goes through the hub client's own session, so proxies, certificates and a custom
+    client factory apply as they will to the download. It runs in a thread: a DNS lookup ignores
+    socket timeouts and can hang for much longer.
+    """
+    from huggingface_hub.utils import get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - every transport failure means the same here
+            outcome.append(f"{type(exc).__name__}: {_first_line(exc)}")
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+@contextmanager
+def _quiet_hub_client():
+    """Silence the hub client's retry and fallback warnings (LIBRARIAN_DEBUG=1 keeps them)."""
+    if os.environ.get("LIBRARIAN_DEBUG") == "1":
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _HUB_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="urllib3")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """Offline mode for this process, as HF_HUB_OFFLINE=1 sets it: no request leaves, the cache answers.
+
+    Both libraries read these flags when a request is made, not only at import.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    if offline:
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 # --- local files -----------------------------------------------------------------------------
@@ -170,21 +265,52 @@ def _parse_txt(text: str) -> list[str]:
 
 
 def _parse_jsonl(text: str, path: Path) -> list[str]:
-    stories = []
+    """The stories of a JSONL shard; every bad line is reported at once, so one edit fixes them all."""
+    stories, bad = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LibrarianError(f"{path} line {number} is not valid JSON ({exc.msg}); fix or remove that line") from None
-        if not isinstance(record, dict):
-            raise LibrarianError(f"{path} line {number} is not a JSON object; each line must be {{\"text\": ...}}")
-        key = next((k for k in TEXT_FIELDS if k in record), None)
-        if key is None or not isinstance(record[key], str):
-            raise LibrarianError(f"{path} line {number} has no string field 'text' or 'story'")
-        stories.append(record[key])
+        story, problem = _jsonl_story(line)
+        if problem:
+            bad.append((number, problem))
+        else:
+            stories.append(story)
+    if bad:
+        raise LibrarianError(_bad_lines(path, bad))
     return stories
+
+
+_JSONL_LINE = 'each line must be a JSON object with a string "text" or "story"'
+_NUMBERED, _EXPLAINED = 10, 3  # line numbers and kinds of problem shown: the message stays one short line
+
+
+def _bad_lines(path: Path, bad: list[tuple[int, str]]) -> str:
+    """How many lines are bad, the first line numbers, and the first line of each kind of problem."""
+    if len(bad) == 1:
+        number, problem = bad[0]
+        return f"{path} line {number} {problem}; fix or remove that line ({_JSONL_LINE})"
+    numbers = ", ".join(str(number) for number, _ in bad[:_NUMBERED]) + (", ..." if len(bad) > _NUMBERED else "")
+    first_of_kind = {problem: number for number, problem in reversed(bad)}
+    kinds = sorted(first_of_kind.items(), key=lambda kind: kind[1])
+    why = ", ".join(f"line {number} {problem}" for problem, number in kinds[:_EXPLAINED])
+    why += ", ..." if len(kinds) > _EXPLAINED else ""
+    return f"{path} has {len(bad)} bad lines ({numbers}): {why}; fix or remove them ({_JSONL_LINE})"
+
+
+def _jsonl_story(line: str) -> tuple[str | None, str | None]:
+    """(the story, None) from one JSONL line, or (None, what is wrong with it)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"is not valid JSON ({exc.msg})"
+    if not isinstance(record, dict):
+        return None, "is not a JSON object"
+    key = next((k for k in TEXT_FIELDS if k in record), None)
+    if key is None:
+        return None, "has no field 'text' or 'story'"
+    if not isinstance(record[key], str):
+        return None, f"has {json.dumps(key)}: {json.dumps(record[key])[:20]}"
+    return record[key], None
 
 
 def _read_parquet(path: Path) -> list[str]:

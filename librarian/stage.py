@@ -10,10 +10,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from librarian import process
 from librarian.config import DEFAULT_PARAMS, Params, load_params
 from librarian.errors import LibrarianError
 from librarian.io import is_disk_full
 from librarian.paths import check_output
+
+# What a stopped stage leaves, and what to do about it: the same after Ctrl-C and SIGTERM.
+_STOPPED = "no partial output was left: rerun the stage to finish (training resumes from its last checkpoint)"
 
 
 def parse(description: str, inputs: dict[str, str], outputs: dict[str, str], argv=None) -> tuple[argparse.Namespace, Params]:
@@ -37,26 +41,30 @@ def run_stage(main):
     """Run a stage's main(argv), turning any failure into one line on stderr and a non-zero exit.
 
     The traceback is printed only with LIBRARIAN_DEBUG=1: users should see what to fix, not our
-    call stack. Outputs are written atomically, so a failed stage leaves nothing behind.
+    call stack. Outputs are written atomically, so a failed stage leaves nothing behind. Ctrl-C
+    (exit 130) and SIGTERM (exit 143, also sent when the launcher dies) unwind the same way.
     """
 
     @functools.wraps(main)
     def wrapper(argv=None):
         debug = os.environ.get("LIBRARIAN_DEBUG") == "1"
-        # Ctrl-C raises KeyboardInterrupt again, so atomic writes can unwind and tidy up.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            process.while_running()  # inside: it raises Terminated if the launcher is already gone
             main(argv)
             # The outputs are in place: a Ctrl-C while the interpreter shuts down changes nothing.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            process.ignore_stops()
         except LibrarianError as exc:
             if debug:
                 traceback.print_exc()
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
-            print("error: interrupted; no partial output was left: rerun the stage to finish (training resumes from its last checkpoint)", file=sys.stderr)
-            sys.exit(130)
+            process.ignore_stops()
+            process.say(f"error: interrupted; {_STOPPED}")
+            sys.exit(process.exit_code(signal.SIGINT))
+        except process.Terminated:
+            process.say(f"error: terminated (SIGTERM); {_STOPPED}")
+            sys.exit(process.exit_code(signal.SIGTERM))
         except Exception as exc:  # noqa: BLE001 - the last line of defence for a clear message
             if debug:
                 traceback.print_exc()

@@ -44,6 +44,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.exists():
         raise LibrarianError(f"tokenizer {path} not found; run `dvc repro train_tokenizer` first")
+    if path.is_dir():  # not a damaged tokenizer: retraining would not help
+        inside = path / "tokenizer.json"
+        hint = f"did you mean {inside}?" if inside.is_file() else "give the path of the tokenizer.json file in it"
+        raise LibrarianError(f"tokenizer {path} is a folder, not a file; {hint}")
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from librarian.checkpoint import load_state, load_weights, save_state, save_weights
 from librarian.config import Params, TrainParams
@@ -38,6 +37,8 @@ from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
 from librarian.io import atomic_dir, recover_dir, remove_dir, write_json
 from librarian.model import GPT, GPTConfig
+from librarian.process import deferred_stops
+from librarian.progress import progress_bar
 
 # Keys that change how a run is carried out but not its result: a state saved under other values
 # of these is still resumable.
@@ -60,6 +61,11 @@ class Progress:
     elapsed_s: float = 0.0
     stop_reason: str = ""
     history: list = field(default_factory=list)  # one record per finished epoch
+    # The curves' points every train.log_every steps, and the running train loss since the last
+    # one: saved with the rest, so that a resumed run replays (and goes on with) the same curves.
+    points: list = field(default_factory=list)
+    point_loss_sum: float = 0.0
+    point_loss_count: int = 0
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -286,13 +292,33 @@ class Trainer:
     def run(self) -> Progress:
         self.resume()
         p, tp = self.progress, self.tp
-        live = _Curves(self.live_dir, self.speed_dir, p.history) if self.rank == 0 else None
+        live = _Curves(self.live_dir, self.speed_dir, p) if self.rank == 0 else None
+        planned_epochs = min(tp.max_epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        # One bar for the whole run, to the planned steps (max_steps, max_tokens); early stopping ends it sooner.
+        bar = progress_bar(self.total_steps, p.global_step, f"epoch {p.epoch + 1}/{planned_epochs}",
+                           disable=self.rank != 0)
         self.model.train()
+        # Ctrl-C and SIGTERM wait for the end of the step: the state is saved there, and the rerun
+        # resumes from that very step. (Under torchrun every rank would have to agree: not deferred.)
+        with deferred_stops(enabled=self.world == 1) as stop:
+            self._epochs(live, bar, planned_epochs, stop)
+        bar.close()
+        if not p.stop_reason:
+            p.stop_reason = "max_epochs"
+        if p.point_loss_count:  # the steps since the last point: the curve runs to the last step
+            self._add_point(live)
+        self._finish()
+        if live:
+            live.end(p.global_step)
+        return p
+
+    def _epochs(self, live, bar, planned_epochs: int, stop) -> None:
+        """The training loop proper: epochs of optimizer steps until a cap, early stopping or a stop request."""
+        p, tp = self.progress, self.tp
         while p.epoch < tp.max_epochs and not p.stop_reason:
             order = epoch_order(len(self.train_windows), self.params.seed, p.epoch)
             started, steps_before = time.perf_counter(), p.step_in_epoch
-            bar = tqdm(total=self.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}",
-                       unit="step", disable=self.rank != 0)
+            bar.set_description(f"epoch {p.epoch + 1}/{planned_epochs}", refresh=False)
             while p.step_in_epoch < self.steps_per_epoch and not p.stop_reason:
                 loss = self.train_step(order)
                 p.step_in_epoch += 1
@@ -301,23 +327,43 @@ class Trainer:
                 p.epoch_loss_sum += loss
                 p.epoch_loss_count += 1
                 p.stop_reason = self._cap_reached()
+                self._count_point_loss(loss, live)
                 elapsed = time.perf_counter() - started
+                # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not every step.
+                tokens_per_s = (p.step_in_epoch - steps_before) * self.tokens_per_step / elapsed
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(p.step_in_epoch - steps_before) * self.tokens_per_step / elapsed:,.0f}")
+                if stop and not p.stop_reason:
+                    p.elapsed_s += time.perf_counter() - started
+                    self.checkpoint()
+                    self._log(f"train: stopped at step {p.global_step}; the training state is saved: rerun to "
+                              "resume from this step")
+                    stop.raise_now()
                 if tp.checkpoint_every and p.global_step % tp.checkpoint_every == 0 and not p.stop_reason:
                     p.elapsed_s += time.perf_counter() - started
                     started, steps_before = time.perf_counter(), p.step_in_epoch
                     self.checkpoint()
-            bar.close()
             epoch_s = time.perf_counter() - started
             p.elapsed_s += epoch_s
             self._end_epoch((p.step_in_epoch - steps_before) * self.tokens_per_step / max(epoch_s, 1e-9), live)
-        if not p.stop_reason:
-            p.stop_reason = "max_epochs"
-        self._finish()
+            stop.raise_now()  # a stop during validation: _end_epoch has just saved the state
+
+    def _count_point_loss(self, loss: float, live) -> None:
+        p = self.progress
+        p.point_loss_sum += loss
+        p.point_loss_count += 1
+        if p.global_step % self.tp.log_every == 0:
+            self._add_point(live)
+
+    def _add_point(self, live) -> None:
+        """A point of the step curves: the mean train loss since the last point, the learning rate of this step."""
+        p = self.progress
+        point = {"step": p.global_step, "train_loss": p.point_loss_sum / p.point_loss_count,
+                 "lr": lr_at(p.global_step - 1, self.tp, self.total_steps), "tokens_seen": p.tokens_seen}
+        p.points.append(point)
+        p.point_loss_sum, p.point_loss_count = 0.0, 0
         if live:
-            live.end()
-        return p
+            live.log_point(point)
 
     def _end_epoch(self, tokens_per_s: float, live) -> None:
         p = self.progress
@@ -342,7 +388,7 @@ class Trainer:
         p.epoch += 1
         p.step_in_epoch, p.epoch_loss_sum, p.epoch_loss_count = 0, 0.0, 0
         if live:
-            live.log(record)
+            live.log_epoch(record)
         self._log(f"train: epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val:.4f}"
                   f"{' (best)' if p.best_epoch == record['epoch'] else ''}, {tokens_per_s:,.0f} tokens/s")
         self.checkpoint()
@@ -359,8 +405,9 @@ class Trainer:
         """Publish the best and last weights and a summary as the stage's outputs; drop the state."""
         if self.rank == 0:
             p = self.progress
-            summary = {k: v for k, v in asdict(p).items() if k not in ("history", "elapsed_s", "step_in_epoch",
-                                                                          "epoch_loss_sum", "epoch_loss_count")}
+            running = ("history", "points", "elapsed_s", "step_in_epoch", "epoch_loss_sum", "epoch_loss_count",
+                       "point_loss_sum", "point_loss_count")
+            summary = {k: v for k, v in asdict(p).items() if k not in running}
             summary.update(n_params=self.model.n_params(), steps_per_epoch=self.steps_per_epoch,
                            config=self.model.config.to_dict(), environment=describe(self.device))
             with atomic_dir(self.out_dir) as tmp:
@@ -383,36 +430,50 @@ class Trainer:
 
 
 class _Curves:
-    """Per-epoch curves through dvclive, replaying the saved history first after a resume.
+    """The training curves through dvclive, on one x axis: the optimizer step.
 
-    Two folders: the result curves (losses, learning rate, tokens seen) are a DVC output and
-    identical for identical runs; the speed curves (tokens/s, elapsed time) differ from run to
-    run, so they are kept out of dvc.lock, or no two runs could have the same lock file.
-    DVC deletes its outputs before a rerun, so a resumed run writes the curves again from its
-    checkpoint: the files come out as if the run had never stopped.
+    Two folders: the result curves are a DVC output and identical for identical runs: train loss,
+    learning rate and tokens seen every train.log_every steps (and at the last step), the validation
+    loss at the last step of every epoch. The speed curves (tokens/s, elapsed time, per epoch) differ
+    from run to run, so they are kept out of dvc.lock, or no two runs could have the same lock file.
+    DVC deletes its outputs before a rerun, so a resumed run writes the curves again from the saved
+    progress: the files come out as if the run had never stopped.
     """
 
-    RESULTS = ("train_loss", "val_loss", "lr", "tokens_seen")
+    POINT = ("train_loss", "lr", "tokens_seen")
+    EPOCH = ("val_loss",)
     SPEED = ("tokens_per_s", "elapsed_s")
 
-    def __init__(self, results_dir: Path, speed_dir: Path, history: list[dict]):
+    def __init__(self, results_dir: Path, speed_dir: Path, progress: Progress):
         from dvclive import Live
 
-        self.lives = [(Live(str(d), dvcyaml=None, save_dvc_exp=False, report=None), names)
-                      for d, names in ((results_dir, self.RESULTS), (speed_dir, self.SPEED))]
-        for record in history:
-            self.log(record)
+        self.results, self.speed = (Live(str(d), dvcyaml=None, save_dvc_exp=False, report=None)
+                                    for d in (results_dir, speed_dir))
+        for point in progress.points:
+            self.log_point(point)
+        for record in progress.history:
+            self.log_epoch(record)
 
-    def log(self, record: dict) -> None:
-        for live, names in self.lives:
-            live.step = record["epoch"]  # x axis: epochs, from 1
-            for name in names:
-                # No timestamps: they would make identical runs produce different files.
-                live.log_metric(name, record[name], timestamp=False)
-            live.next_step()
+    def log_point(self, point: dict) -> None:
+        self._log(self.results, point, self.POINT)
 
-    def end(self) -> None:
-        for live, _ in self.lives:
+    def log_epoch(self, record: dict) -> None:
+        self._log(self.results, record, self.EPOCH)
+        self._log(self.speed, record, self.SPEED)
+
+    @staticmethod
+    def _log(live, record: dict, names: tuple) -> None:
+        live.step = record["step"]
+        for name in names:
+            # No timestamps: they would make identical runs produce different files.
+            live.log_metric(name, record[name], timestamp=False)
+
+    def end(self, step: int) -> None:
+        """Write each folder's metrics.json (the last value of every curve) and close."""
+        for live, names in ((self.results, self.POINT + self.EPOCH), (self.speed, self.SPEED)):
+            # A fixed key order: a replayed run logs in another order than an uninterrupted one.
+            live.summary = {name: live.summary[name] for name in names if name in live.summary} | {"step": step}
+            live.step = step
             live.end()
 
 
@@ -429,4 +490,12 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def train(params: Params, tokens_dir: Path, out_dir: Path, state_dir: Path, live_dir: Path, speed_dir: Path) -> Progress:
-    return Trainer(params, tokens_dir, out_dir, state_dir, live_dir, speed_dir).run()
+    """Train, holding the state folder: two trainers on one state would overwrite each other's checkpoints.
+
+    Under torchrun only rank 0 writes the state, so only it takes the lock.
+    """
+    from librarian.process import lock_folder
+
+    held = lock_folder(state_dir, "training run") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with held:
+        return Trainer(params, tokens_dir, out_dir, state_dir, live_dir, speed_dir).run()

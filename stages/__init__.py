@@ -1,17 +1,11 @@
 """Stage scripts: thin shells over librarian/, one per DVC stage.
 
-Importing torch, pyarrow and datasets takes a second or two. A Ctrl-C in that time would print a
-traceback from deep inside an import, so until run_stage takes over, SIGINT means one line and
-exit 130: nothing has been written yet.
+Importing torch, pyarrow and datasets takes a second or two. A Ctrl-C or SIGTERM in that time
+would print a traceback from deep inside an import (or, for SIGTERM, nothing at all), so until
+run_stage takes over, either means one line and exit 130 or 143: nothing has been written yet.
+The stage also gets SIGTERM from now on if the process that launched it (DVC) dies.
 """
 
-import signal
-import sys
+from librarian.process import while_starting
 
-
-def _interrupted_while_starting(signum, frame):
-    print("error: interrupted while starting; nothing was written, rerun the stage to start again", file=sys.stderr)
-    sys.exit(130)
-
-
-signal.signal(signal.SIGINT, _interrupted_while_starting)
+while_starting()

@@ -96,6 +96,8 @@ class Ctx:
     tmp: Path
     world: World
     outputs: list[Path] = field(default_factory=list)
+    cwd: Path = ROOT  # where the command runs
+    close: str = ""  # a redirection that closes a standard stream, as the user's shell does: "<&-", ">&-"
 
     def params(self, text: str | None = None, delete: str | None = None, **overrides) -> str:
         """A params.yaml: the project's, shrunk to TINY_MODEL and a local source, with `overrides` (dotted keys)."""
@@ -167,14 +169,37 @@ class Ctx:
         return ["librarian.cli", "generate", "--model", str(model or self.world.model),
                 "--tokenizer", str(tokenizer or self.world.tokenizer), "--max-new-tokens", "4", "--seed", "0", *args]
 
+    def closing(self, redirect: str, argv: list[str]) -> list[str]:
+        """`argv` run with a standard stream closed by `redirect` (`<&-` stdin, `>&-` stdout)."""
+        self.close = redirect
+        return argv
+
+    def elsewhere(self, *args: str) -> list[str]:
+        """The librarian command run from a folder that is not a project (no dvc.yaml, no params.yaml)."""
+        self.cwd = self.tmp / "elsewhere"
+        self.cwd.mkdir()
+        return ["librarian.cli", *args]
+
+    def export(self, *args: str, out: Path | None = None, model: Path | None = None,
+               tokenizer: Path | None = None) -> list[str]:
+        """`librarian export` to `out`: an existing folder is the user's; the default, new one must stay absent."""
+        if out is None:
+            out = self.tmp / "hf"
+            self.outputs.append(out)
+        return ["librarian.cli", "export", "--model", str(model or self.world.model),
+                "--tokenizer", str(tokenizer or self.world.tokenizer), *args, str(out)]
+
 
 def env(**extra) -> dict:
     base = {k: v for k, v in os.environ.items() if k != "LIBRARIAN_DEBUG"}
     return {**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUTF8": "1", **extra}
 
 
-def run(argv: list[str], **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=env(**extra_env), stdin=subprocess.DEVNULL,
+def run(argv: list[str], cwd: Path = ROOT, close: str = "", **extra_env) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", *argv]
+    if close:
+        command = ["sh", "-c", f'exec "$@" {close}', "sh", *command]
+    return subprocess.run(command, cwd=cwd, env=env(**extra_env), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=TIMEOUT)
 
 
@@ -287,6 +312,33 @@ def few_stories(c: Ctx, n: int) -> Path:
     return c.tmp / "sub"
 
 
+def model_folder(c: Ctx) -> Path:
+    """A folder like the pipeline's data/model/, holding model.safetensors."""
+    write(c.tmp / "model" / "model.safetensors", c.world.model.read_bytes())
+    return c.tmp / "model"
+
+
+def users_folder(c: Ctx) -> Path:
+    write(c.tmp / "mine" / "notes.txt", "my notes")
+    return c.tmp / "mine"
+
+
+def earlier_export(c: Ctx) -> Path:
+    """A folder the export wrote, as far as its marker tells."""
+    from librarian.export import MARKER
+
+    write(c.tmp / "hf" / "config.json", "{}")
+    write(c.tmp / "hf" / MARKER, json.dumps({"format": "hf", "files": ["config.json"]}))
+    return c.tmp / "hf"
+
+
+def pipeline_model_folder(c: Ctx) -> Path:
+    """data/model of a DVC project after `dvc repro`."""
+    shutil.copy(ROOT / "dvc.yaml", c.tmp / "dvc.yaml")
+    write(c.tmp / "data" / "model" / "model.safetensors", c.world.model.read_bytes())
+    return c.tmp / "data" / "model"
+
+
 # --- the catalogue ---------------------------------------------------------------------------------
 
 # (id, command builder, words the one error line must contain)
@@ -337,6 +389,12 @@ CASES = [
     ("source/JSONL line not JSON",
      lambda c: c.download(write(c.tmp / "s.jsonl", '{"text": "ok"}\n{"text": broken\n')),
      ["line 2 is not valid JSON", "fix or remove that line"]),
+    ("source/JSONL text null", lambda c: c.download(write(c.tmp / "s.jsonl", '{"text": "ok"}\n{"text": null}\n')),
+     ['line 2 has "text": null', "fix or remove that line", 'a string "text" or "story"']),
+    ("source/several bad JSONL lines, all at once",
+     lambda c: c.download(write(c.tmp / "s.jsonl", '{"text": null}\n{"text": "ok"}\n{"text": null}\n[1]\n{"text"\n')),
+     ["has 4 bad lines (1, 3, 4, 5)", 'line 1 has "text": null, line 4 is not a JSON object, line 5 is not valid JSON',
+      "fix or remove them"]),
     ("source/folder without usable shard", lambda c: c.download(write(c.tmp / "src" / "notes.md", "x").parent),
      ["has no shard files"]),
     # the subsample and clean stages
@@ -429,13 +487,40 @@ CASES = [
      ["not found"]),
     ("generate/truncated tokenizer", lambda c: c.generate("--prompt", "Hi", tokenizer=truncated(c, c.world.tokenizer)),
      ["invalid or truncated"]),
+    ("generate/model is a folder", lambda c: c.generate("--prompt", "Hi", model=c.tmp),
+     [f"model file {ROOT.anchor}", "is a folder, not a file", "give the path of a .safetensors file in it"]),
+    ("chat/model is the pipeline's model folder", lambda c: c.chat(model=model_folder(c)),
+     ["is a folder, not a file", "did you mean", "model.safetensors?"]),
+    ("generate/tokenizer is a folder", lambda c: c.generate("--prompt", "Hi", tokenizer=c.tmp),
+     ["tokenizer", "is a folder, not a file", "give the path of the tokenizer.json file in it"]),
+    ("chat/stdin closed", lambda c: c.closing("<&-", c.chat()),
+     ["stdin is closed", "run it in a terminal, or pipe them in"]),
+    ("generate/stdout closed", lambda c: c.closing(">&-", c.generate("--prompt", "Hi")),
+     ["stdout is closed", "send it to a file"]),
+    ("generate/outside the project folder", lambda c: c.elsewhere("generate", "--prompt", "Hi"),
+     ["no Librarian project here (", "no dvc.yaml or params.yaml", "run from the project folder",
+      "or pass --model and --tokenizer"]),
+    ("chat/outside the project folder, --model given", lambda c: c.elsewhere("chat", "--model", str(c.world.model)),
+     ["no Librarian project here (", "or pass --tokenizer"]),
+    # export: it replaces its folder whole, so only a new, empty or earlier-export folder will do
+    ("export/folder holding other files, with --force", lambda c: c.export("--force", out=users_folder(c)),
+     ["mine is not empty and is not a Librarian export (it holds notes.txt)", "choose a new or empty folder"]),
+    ("export/earlier export without --force", lambda c: c.export(out=earlier_export(c)),
+     ["holds an earlier Librarian export", "add --force to replace it"]),
+    ("export/into a DVC output", lambda c: c.export("--force", out=pipeline_model_folder(c)),
+     ["is in (or holds) data/model, which the DVC pipeline of", "export outside its data/ and metrics/"]),
+    ("export/output is a file", lambda c: c.export(out=write(c.tmp / "hf.txt", "x")), ["is a file, not a folder"]),
+    ("export/tokenizer not the model's", lambda c: c.export(tokenizer=reformatted_tokenizer(c)),
+     ["comes from another tokenizer", "use the matching files"]),
+    ("export/tokenizer of another vocab", lambda c: c.export(model=c.world.model_64),
+     ["expects 64", "use the tokenizer the model was trained with"]),
 ]
 
 
 @pytest.mark.parametrize("build,words", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, world, build, words):
     c = Ctx(tmp_path, world)
-    result = run(build(c))
+    result = run(build(c), cwd=c.cwd, close=c.close)
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()

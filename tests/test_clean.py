@@ -77,6 +77,45 @@ def test_fragments(text, fragment):
     assert is_fragment(text) is fragment
 
 
+@pytest.mark.parametrize("text", ["猫が来た。", "「行こう！」と言った。", "「本当？」", "他很高兴。", "राम घर गया।",
+                                  "هل أنت بخير؟", "ကလေး အိပ်သည်။", "Он ушёл.»"])
+def test_sentence_ends_of_other_scripts_are_no_fragment(text):
+    assert is_fragment(text) is False
+
+
+# A Japanese and a Chinese story, as written: full-width ！ and ？ (NFKC makes them ASCII), 。 and 」.
+JAPANESE = "ある日、小さな猫が公園に行きました。猫は赤いボールを見つけました！「これは何？」と猫は言いました。"
+CHINESE = "从前，有一只小狗叫小白。小白很喜欢在花园里玩。有一天，它找到了一个红色的球！“真好玩！”它说。"
+
+
+def test_chinese_and_japanese_stories_are_kept_and_their_cut_copies_dropped(make_params):
+    params = make_params(**{"clean.min_chars": 5})
+    stories = [JAPANESE, JAPANESE + "「ありがとう」", JAPANESE + "「行こう！」", CHINESE, "故事完了吗？",
+               JAPANESE[:30], CHINESE[:25]]  # the last two are cut mid-sentence
+    kept, report = clean_stories(stories, params.clean)
+    assert kept == [normalise(s) for s in stories[:5]]
+    assert kept[0].endswith("と猫は言いました。") and kept[2].endswith("「行こう!」")
+    assert report.dropped["fragment"] == 2 and report.stories_out == 5
+
+
+def test_drop_fragments_false_keeps_fragments(make_params):
+    stories = ["Once upon a time, a girl went to the", "Tom ran home.", "ある日、小さな猫が"]
+    kept, report = clean_stories(stories, make_params(**{"clean.min_chars": 5, "clean.drop_fragments": False}).clean)
+    assert kept == stories and report.dropped["fragment"] == 0
+    kept, report = clean_stories(stories, make_params(**{"clean.min_chars": 5}).clean)
+    assert kept == ["Tom ran home."] and report.dropped["fragment"] == 2
+
+
+def test_clean_corpus_without_the_fragment_filter_counts_no_fragment(tmp_path, make_params):
+    src = tmp_path / "subsample"
+    src.mkdir()
+    write_stories(src / "train.parquet", fixture_stories())
+    report = clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", make_params(**{"clean.drop_fragments": False}))
+    pool = report["train_pool"]
+    assert pool["dropped"]["fragment"] == 0 and pool["dropped"]["too_short"] == 1
+    assert pool["stories_out"] == 370 - 1 - pool["dropped"]["duplicate"]  # the 9 fragments of the fixture are kept
+
+
 def test_split_is_disjoint_complete_and_seeded():
     stories = [f"Story number {i}." for i in range(1000)]
     a = split_stories(stories, 0.1, 0.05, seed=7)

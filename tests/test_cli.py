@@ -116,6 +116,44 @@ def test_missing_files_are_one_line_errors(files, tmp_path, capsys):
     assert "not found" in fails(capsys, "chat", "--model", str(files[0]), "--tokenizer", str(tmp_path / "no.json"))
 
 
+def test_a_folder_given_for_a_file_is_one_line_naming_the_file_inside(files, tmp_path, capsys):
+    model, tokenizer = files
+    err = fails(capsys, "generate", "--prompt", "Hi", "--model", str(tmp_path), "--tokenizer", str(tokenizer))
+    assert err == f"error: model file {tmp_path} is a folder, not a file; give the path of a .safetensors file in it\n"
+    # the folder of both files (like the pipeline's data/model/): name the file the user meant
+    err = fails(capsys, "chat", "--model", str(model.parent), "--tokenizer", str(tokenizer))
+    assert err == f"error: model file {model.parent} is a folder, not a file; did you mean {model}?\n"
+    err = fails(capsys, "generate", "--prompt", "Hi", "--model", str(model), "--tokenizer", str(tokenizer.parent))
+    assert err == f"error: tokenizer {tokenizer.parent} is a folder, not a file; did you mean {tokenizer}?\n"
+    err = fails(capsys, "export", str(tmp_path / "hf"), "--model", str(model), "--tokenizer", str(tmp_path))
+    assert "is a folder, not a file" in err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("command,stream", [("chat", "stdin"), ("chat", "stdout"), ("generate", "stdout")])
+def test_a_closed_standard_stream_is_one_line(model_args, capsys, monkeypatch, command, stream):
+    monkeypatch.setattr(sys, stream, None)  # what Python makes of `<&-` and `>&-`
+    prompt = ["--prompt", "Hi"] if command == "generate" else []
+    assert fails(capsys, command, *prompt, *model_args).startswith(f"error: {stream} is closed; {command} ")
+
+
+def test_outside_the_project_the_defaults_say_where_to_run(files, model_args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = fails(capsys, "generate", "--prompt", "Hi")
+    assert err == (f"error: no Librarian project here ({tmp_path}: no dvc.yaml or params.yaml); run from the project "
+                   "folder, the one with dvc.yaml, or pass --model and --tokenizer\n")
+    assert "or pass --tokenizer\n" in fails(capsys, "chat", "--model", str(files[0]))
+    # explicit paths work from anywhere
+    assert run(capsys, "generate", "--prompt", "Hi", *model_args, "--max-new-tokens", "3").startswith("Hi")
+    # from a folder inside the project, name the project folder
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert f"run from the project folder ({tmp_path}) or pass --model" in fails(capsys, "export", "out")
+    # inside the project, a missing default model is the loaders' "not found; train a model first"
+    monkeypatch.chdir(tmp_path)
+    assert "not found; run `dvc repro train_tokenizer` first" in fails(capsys, "generate", "--prompt", "Hi")
+
+
 def test_a_malformed_command_line_is_one_line_too(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--prompt", "Hi", "--temperature", "hot"])
@@ -259,9 +297,9 @@ def test_export_calls_export_hf(model_args, tmp_path, capsys, monkeypatch):
     except ImportError as exc:
         pytest.skip(f"librarian.export cannot be imported yet ({exc})")
     calls = []
-    monkeypatch.setattr(export, "export_hf", lambda *args: calls.append(args) or args[2])
+    monkeypatch.setattr(export, "export_hf", lambda *args, **kwargs: calls.append((args, kwargs)) or args[2])
     out = run(capsys, "export", "--format", "hf", str(tmp_path / "hf"), *model_args)
-    assert calls == [(Path(model_args[1]), Path(model_args[3]), tmp_path / "hf")]
+    assert calls == [((Path(model_args[1]), Path(model_args[3]), tmp_path / "hf"), {"force": False})]
     assert str(tmp_path / "hf") in out
 
 

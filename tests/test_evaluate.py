@@ -11,7 +11,8 @@ from torch import nn
 
 from librarian.checkpoint import save_weights
 from librarian.errors import LibrarianError
-from librarian.evaluate import evaluate_model, metrics_from_counts, score_tokens, scored_batches, window_plan
+from librarian.evaluate import (add_counts, evaluate_model, metrics_from_counts, score_tokens, scored_batches,
+                                window_plan)
 from librarian.model import GPT, GPTConfig
 from stages.evaluate import main as evaluate_stage
 from tests.conftest import set_dotted, write_tokens
@@ -25,32 +26,41 @@ METRIC_KEYS = {"loss", "perplexity", "top1_accuracy", "top5_accuracy", "top10_ac
 PLANS = [(50, 8, 8), (50, 8, 1), (50, 8, 3), (51, 8, 5), (9, 8, 8), (9, 8, 3), (5, 8, 4), (2, 8, 1), (100, 16, 7)]
 
 
-class RankTable(nn.Module):
+class Logits(nn.Module):
+    """A test "model" in GPT's interface whose hidden states are its logits: lm_head is the identity."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.lm_head = nn.Linear(vocab, vocab, bias=False)
+        nn.init.eye_(self.lm_head.weight)
+
+
+class RankTable(Logits):
     """A bigram "model": the previous token alone fixes the logits, and token v's rank after p is
     (v - p - 1) mod V, with logit -rank. So the target's rank, hence its loss, is known exactly."""
 
     def __init__(self, vocab: int):
-        super().__init__()
+        super().__init__(vocab)
         v = torch.arange(vocab)
         self.table = -((v[None, :] - v[:, None] - 1) % vocab).float()
 
-    def forward(self, idx):
-        return self.table[idx], None
+    def hidden(self, idx):
+        return self.table[idx]
 
 
-class ContextProbe(nn.Module):
+class ContextProbe(Logits):
     """For tokens = arange(N), predicts target t right only if it saw at least `need(t)` tokens."""
 
     def __init__(self, vocab: int, need):
-        super().__init__()
+        super().__init__(vocab)
         self.vocab, self.need = vocab, need
 
-    def forward(self, idx):
+    def hidden(self, idx):
         seen = torch.arange(1, idx.size(1) + 1).expand_as(idx)  # input j has j + 1 tokens of context
         target = idx + 1
         ok = seen >= self.need(target)
         guess = torch.where(ok, target, (target + 1) % self.vocab)
-        return nn.functional.one_hot(guess, self.vocab).float() * 5.0, None
+        return nn.functional.one_hot(guess, self.vocab).float() * 5.0
 
 
 def test_hand_computed_metrics():
@@ -136,9 +146,50 @@ def test_stride_one_matches_naive_full_context_and_batching_is_invisible():
     ref = -sum(head[t - 1, tokens[t]].item() for t in range(1, ctx + 1))
     ref -= sum(tail[i, tokens[t]].item() for i, t in enumerate(range(ctx + 1, len(tokens))))
     tokens = tokens.astype(np.uint16)
-    one = score_tokens(model, tokens, ctx, 1, batch_size=64)
+    one = score_tokens(model, tokens, ctx, 1, batch_size=64, bf16=False)  # float32: the reference's precision
     assert one["nats"] == pytest.approx(ref, rel=1e-5)
-    assert metrics_from_counts(score_tokens(model, tokens, ctx, 1, batch_size=5), 100) == metrics_from_counts(one, 100)
+    batched = score_tokens(model, tokens, ctx, 1, batch_size=5, bf16=False)
+    assert metrics_from_counts(batched, 100) == metrics_from_counts(one, 100)
+
+
+def full_head_counts(model, tokens, ctx, stride, batch_size) -> dict:
+    """Scoring as it was before the head skipped unscored positions: logits everywhere, then the mask."""
+    counts = {"nats": 0.0, "tokens": 0, "top1": 0, "top5": 0, "top10": 0}
+    with torch.no_grad():
+        for x, y, keep in scored_batches(tokens, ctx, stride, batch_size):
+            logits = model(x)[0]
+            add_counts(counts, logits[keep].float(), y[keep])
+    return counts
+
+
+@pytest.mark.parametrize("stride", [1, 5, 8, 16])
+def test_head_on_scored_positions_only_gives_the_full_heads_metrics(stride):
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, 200).astype(np.uint16)
+    ours = score_tokens(model, tokens, TINY.context_length, stride, batch_size=7, bf16=False)
+    full = full_head_counts(model, tokens, TINY.context_length, stride, batch_size=7)
+    assert ours["nats"] == pytest.approx(full["nats"], rel=1e-6)
+    assert metrics_from_counts(ours, 400) == metrics_from_counts(full, 400)
+
+
+def test_bf16_metrics_are_within_1e3_of_float32_on_the_fixture(built_project):
+    """The evaluate stage's bf16 trunk against float32 everywhere, on the fixture's trained model and real tokens."""
+    from librarian.checkpoint import load_weights
+    from librarian.data import load_tokens
+
+    model = load_weights(built_project / "data" / "model" / "model.safetensors")
+    params = yaml.safe_load((built_project / "params.yaml").read_text())["eval"]
+    for split in ["test", "val", "official_validation"]:
+        tokens = load_tokens(built_project / "data" / "tokens" / f"{split}.bin")
+        fp32, bf16 = (metrics_from_counts(score_tokens(model, tokens.tokens, model.config.context_length,
+                                                       params["stride"], params["batch_size"], bf16=bf16),
+                                          tokens.meta["utf8_bytes"]) for bf16 in (False, True))
+        assert bf16["tokens"] == fp32["tokens"] > 4000
+        for key in ["loss", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte"]:
+            assert bf16[key] == pytest.approx(fp32[key], abs=1e-3), (split, key)
+        # perplexity = exp(loss): 1e-3 relative (an absolute 1e-3 at perplexity ~560 would be 2e-6 relative)
+        assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-3), split
 
 
 def test_score_tokens_restores_training_mode():
@@ -225,3 +276,42 @@ def test_stage_writes_sorted_json(setup, raw_params, capsys):
     text = out.read_text()
     assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
     assert "evaluate: test loss" in capsys.readouterr().out
+    evaluate_stage(
+        [str(tmp_path / "model.safetensors"), str(tmp_path / "tokens"), str(out), "--params", str(params_file)]
+    )
+    assert out.read_text() == text  # same inputs, same bytes
+
+
+@pytest.mark.parametrize("setting", [2, 0])
+def test_stage_scores_on_eval_threads(setup, raw_params, monkeypatch, setting):
+    import librarian.evaluate
+    from librarian.threads import MAX_AUTO_THREADS, available_cores
+
+    tmp_path, _, _ = setup
+    overrides = {"model.context_length": 16, "eval.stride": 8, "train.stride": 16, "eval.threads": setting}
+    for dotted, value in overrides.items():
+        set_dotted(raw_params, dotted, value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    seen, real = [], librarian.evaluate.score_tokens
+
+    def spy(*args, threads, **kwargs):
+        seen.append(threads)
+        return real(*args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(librarian.evaluate, "score_tokens", spy)
+    evaluate_stage([str(tmp_path / "model.safetensors"), str(tmp_path / "tokens"),
+                    str(tmp_path / "metrics" / "metrics.json"), "--params", str(tmp_path / "params.yaml")])
+    # auto: whole batches in parallel pay at any model size, so one thread per core
+    expected = setting or min(available_cores(), MAX_AUTO_THREADS)
+    assert seen == [expected, expected]  # test and val
+
+
+def test_scoring_threads_change_neither_the_sums_nor_the_process_threads():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    tokens = np.random.default_rng(3).integers(0, TINY.vocab_size, 900).astype(np.uint16)
+    before = torch.get_num_threads()
+    one = score_tokens(model, tokens, TINY.context_length, 8, batch_size=3, threads=1)
+    for threads in (2, 5):
+        assert score_tokens(model, tokens, TINY.context_length, 8, batch_size=3, threads=threads) == one
+    assert torch.get_num_threads() == before

@@ -205,6 +205,21 @@ def test_queued_experiments_run_in_the_background(project, queued):
         time.sleep(1)
 
 
+def test_librarian_runs_shows_test_metrics_and_the_param_that_differs(project, queued):
+    shown = show(project)
+    out = run([sys.executable, "-m", "librarian.cli", "runs"], project)
+    header, *lines = out.splitlines()
+    # The test metrics come first, then only train.lr: the one param the experiments changed.
+    assert header.split() == ["run", "loss", "ppl", "top-1", "top-5", "top-10", "bits/byte", "train.lr"], out
+    rows = {line.split()[0]: line.split()[1:] for line in lines}
+    assert {"workspace", "lr-high", "q1", "q2"} <= set(rows), out
+    for name in ["baseline", "lr-high", "q1", "q2"]:
+        row = rows["workspace" if name == "baseline" else name]  # the workspace is the committed baseline here
+        metrics = shown[name]["metrics"]
+        assert row[:2] == [f"{metrics['loss']:.4f}", f"{metrics['perplexity']:.3f}"], (name, out)
+        assert row[2] == f"{metrics['top1_accuracy']:.2%}" and row[-1] == str(shown[name]["lr"]), (name, out)
+
+
 def test_exp_apply_brings_an_experiment_into_the_workspace(project, queued):
     shown = show(project)
     out = dvc("exp", "apply", "q1", cwd=project)

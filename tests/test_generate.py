@@ -134,3 +134,100 @@ def test_generator_streams_text_with_a_real_tokenizer(tmp_path, make_params):
     pieces = list(gen.stream("Once upon a time", max_new_tokens=40, sampling=Sampling(0.8, 50, 0.95), seed=3))
     assert len(pieces) > 1  # streamed, not delivered at the end
     assert "".join(pieces) == gen.complete("Once upon a time", max_new_tokens=40, sampling=Sampling(0.8, 50, 0.95), seed=3)
+
+
+# --- threads: --threads, samples.threads and the auto rule ---------------------------------------
+
+
+def test_auto_threads_is_one_for_the_card_model_and_more_for_wide_ones(monkeypatch):
+    from librarian import threads
+    from librarian.errors import LibrarianError
+
+    # Measured on the 2-core EPYC (benchmarks/generate_throughput.py, evaluate_throughput.py --sweep-widths).
+    assert threads.auto_threads(GPTConfig().d_model) == 1
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    assert threads.auto_threads(GPTConfig().d_model) == 1  # decoding: one thread, however many cores
+    assert threads.auto_threads(2048) == 1 and threads.auto_threads(2049) == 4
+    assert threads.auto_threads(GPTConfig().d_model, batched=True) == 4  # evaluation: whole batches per thread
+    monkeypatch.setattr(threads, "available_cores", lambda: 64)
+    assert threads.auto_threads(4096) == threads.MAX_AUTO_THREADS
+    assert threads.resolve_threads(3, 128) == 3 and threads.resolve_threads(0, 128) == 1
+    with pytest.raises(LibrarianError, match=r"--threads must be a whole number >= 0 \(0 = auto\), got -1"):
+        threads.resolve_threads(-1, 128, "--threads")
+
+
+@pytest.fixture
+def threads_seen(monkeypatch):
+    """The torch thread count every generate_ids call ran on."""
+    from librarian import generate
+
+    seen, real = [], generate.generate_ids
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_ids", spy)
+    before = torch.get_num_threads()
+    yield seen
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    from tests.test_chat import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("flag, expected", [(["--threads", "2"], 2), ([], 1)])
+def test_generate_runs_on_the_threads_asked_for_or_auto(tiny_files, threads_seen, capsys, flag, expected):
+    from librarian.cli import main
+
+    torch.set_num_threads(3)  # neither value: the command must set its own
+    main(["generate", "--prompt", "Once", "--max-new-tokens", "3", "--seed", "0", "--model", str(tiny_files[0]),
+          "--tokenizer", str(tiny_files[1]), *flag])
+    assert threads_seen == [expected]  # auto: one thread for a model this small
+    assert capsys.readouterr().out.startswith("Once")
+
+
+def test_chat_runs_on_the_threads_asked_for(tiny_files, threads_seen, monkeypatch, capsys):
+    import io
+
+    from librarian.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/quit\n"))
+    main(["chat", "--threads", "2", "--max-new-tokens", "3", "--seed", "0", "--model", str(tiny_files[0]),
+          "--tokenizer", str(tiny_files[1])])
+    assert threads_seen == [2]
+
+
+def test_negative_threads_is_one_error_line(tiny_files, capsys):
+    from librarian.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "Once", "--threads", "-1", "--model", str(tiny_files[0]),
+              "--tokenizer", str(tiny_files[1])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err == "error: --threads must be a whole number >= 0 (0 = auto), got -1\n"
+
+
+@pytest.mark.parametrize("setting, expected", [(2, 2), (0, 1)])
+def test_samples_stage_applies_samples_threads(tiny_files, threads_seen, tmp_path, raw_params, monkeypatch, setting,
+                                               expected):
+    import os
+
+    import yaml
+
+    from stages.samples import main as samples
+
+    raw_params["samples"].update(max_new_tokens=3, threads=setting)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for path in tiny_files:
+        os.link(path, tmp_path / "data" / path.name)
+    torch.set_num_threads(3)
+    samples(["data/model.safetensors", "data/tokenizer.json", "metrics/samples.md"])
+    assert threads_seen == [expected] * len(raw_params["samples"]["prompts"])
+    assert torch.get_num_threads() == 3  # restored: a library call leaves the process as it found it

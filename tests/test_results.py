@@ -50,3 +50,16 @@ def test_compare_refuses_missing_or_broken_files_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "librarian.cli", "compare", "--metrics", str(tmp_path / "x.json")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("error: metrics file") and len(result.stderr.splitlines()) == 1
+
+
+def test_compare_refuses_a_metrics_file_without_test_metrics(tmp_path):
+    """A JSON object, but not the evaluate stage's: one error line, not a table of dashes."""
+    (tmp_path / "train.json").write_text(json.dumps({"train_loss": 2.1, "step": 120, "loss": "n/a"}))
+    command = [sys.executable, "-m", "librarian.cli", "compare", "--metrics", str(tmp_path / "train.json")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.startswith(f"error: metrics file {tmp_path / 'train.json'} holds none of the test metrics")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    # One metric is enough to compare: the others show as dashes.
+    (tmp_path / "some.json").write_text(json.dumps({"perplexity": 12.5}))
+    assert "12.500" in compare(tmp_path / "some.json", ROOT / "results" / "reference.json")

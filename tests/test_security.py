@@ -381,7 +381,7 @@ def test_fuzz_cleaner_keeps_its_invariants():
         assert not any(is_control(ch) for ch in once), f"{story!r} -> {once!r}"
         assert once == once.strip(), f"{story!r} -> {once!r}"
         assert "\n\n" not in once and "  " not in once, f"{story!r} -> {once!r}"
-    kept, report = clean_stories(stories, CleanParams(min_chars=1, max_chars=5_000))
+    kept, report = clean_stories(stories, CleanParams(min_chars=1, max_chars=5_000, drop_fragments=True))
     assert report.stories_in == len(stories) and report.stories_out == len(kept)
     assert sum(report.dropped.values()) + len(kept) == len(stories)
     assert len(set(kept)) == len(kept)

@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import torch
 
 from librarian.checkpoint import load_weights
 from librarian.errors import LibrarianError
+from librarian.process import Terminated
 from librarian.train import Trainer, lr_at, train
 from tests.conftest import TINY_MODEL, write_tokens
 
@@ -46,6 +49,10 @@ def run(params, tokens_dir, root):
     return train(params, tokens_dir, root / "model", root / "state", root / "live", root / "speed")
 
 
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def weights(path):
     return {k: v.clone() for k, v in load_weights(path).state_dict().items()}
 
@@ -58,21 +65,78 @@ def test_loss_falls_on_a_tiny_overfit_set(tiny, tokens_dir, tmp_path):
     assert losses[0] < math.log(VOCAB) + 0.5  # starts near chance, not somewhere odd
 
 
+def curve(folder: Path, name: str) -> dict[int, float]:
+    """A curve file as {step: value}."""
+    lines = (folder / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+    assert lines[0] == f"step\t{name}"
+    return {int(step): float(value) for step, value in (line.split("\t") for line in lines[1:])}
+
+
 def test_outputs_and_curves(tiny, tokens_dir, tmp_path):
-    progress = run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path)
+    params = tiny(**{"train.max_epochs": 2, "train.log_every": 5, "train.schedule": "cosine", "train.warmup_steps": 4})
+    progress = run(params, tokens_dir, tmp_path)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["last.safetensors", "model.safetensors", "train.json"]
     summary = json.loads((tmp_path / "model" / "train.json").read_text())
     assert summary["epoch"] == 2 and summary["stop_reason"] == "max_epochs"
     assert summary["n_params"] == load_weights(tmp_path / "model" / "model.safetensors").n_params()
+    assert "points" not in summary and "point_loss_sum" not in summary  # curves are in metrics/train, not here
     env = summary["environment"]
     assert env["packages"]["torch"] == torch.__version__ and env["device"] == "cpu" and env["deterministic"] is True
     assert env["torch_threads"] == 1  # TINY_MODEL sets train.threads: 1
-    for folder, names in (("live", ["train_loss", "val_loss", "lr", "tokens_seen"]), ("speed", ["tokens_per_s", "elapsed_s"])):
-        for name in names:
-            lines = (tmp_path / folder / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
-            assert lines[0] == f"step\t{name}" and len(lines) == 3  # header + one row per epoch
     assert not (tmp_path / "state").exists()  # the resumable state is dropped once the run is done
     assert progress.best_epoch in (1, 2)
+
+    # Train loss, lr and tokens seen every log_every steps and at the last step; x = optimizer step.
+    live, last = tmp_path / "live", progress.global_step
+    epoch_ends = [r["step"] for r in progress.history]
+    assert last % 5 and epoch_ends == [last // 2, last]  # an epoch is not a multiple of log_every here
+    every = [*range(5, last + 1, 5), last]
+    for name in ["train_loss", "lr", "tokens_seen"]:
+        assert list(curve(live, name)) == every, name
+    assert curve(live, "tokens_seen") == {s: s * 8 * 16 for s in every}
+    assert curve(live, "lr") == pytest.approx({s: lr_at(s - 1, params.train, last) for s in every})
+    assert curve(live, "lr")[5] != curve(live, "lr")[last]  # the warmup and cosine are visible
+    # Each point is the mean loss of the steps since the previous one: weighted, they add up to the epochs' means.
+    losses = curve(live, "train_loss")
+    windows = [b - a for a, b in zip([0, *every], every)]
+    assert sum(losses[s] * n for s, n in zip(every, windows)) == pytest.approx(
+        sum(r["train_loss"] * (last // 2) for r in progress.history), rel=1e-9)
+    # Validation loss at the last step of each epoch, on the same step axis; speed curves likewise.
+    assert curve(live, "val_loss") == {r["step"]: pytest.approx(r["val_loss"]) for r in progress.history}
+    for name in ["tokens_per_s", "elapsed_s"]:
+        assert list(curve(tmp_path / "speed", name)) == epoch_ends
+    assert json.loads((live / "metrics.json").read_text()) == {
+        "train_loss": pytest.approx(losses[last]), "lr": pytest.approx(curve(live, "lr")[last]),
+        "tokens_seen": last * 8 * 16, "val_loss": pytest.approx(progress.history[-1]["val_loss"]), "step": last}
+
+
+def progress_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "step/s" in line]  # tqdm's rate: every redraw has it
+
+
+@pytest.mark.parametrize("cap", [{"train.max_steps": 7}, {"train.max_tokens": 8 * 16 * 5}, {"train.max_epochs": 2}])
+def test_progress_bar_runs_to_the_planned_steps(tiny, tokens_dir, tmp_path, capfd, cap):
+    progress = run(tiny(**cap), tokens_dir, tmp_path)
+    planned = progress.global_step
+    expected = {"train.max_steps": 7, "train.max_tokens": 5}.get(next(iter(cap)), 2 * progress.history[0]["step"])
+    assert planned == expected
+    last = progress_lines(capfd.readouterr().err)[-1]
+    assert "100%" in last and f"| {planned}/{planned} [" in last, last
+    assert last.startswith(f"epoch {progress.epoch}/{progress.epoch}:"), last
+
+
+def test_progress_in_a_log_is_a_line_every_few_seconds(tiny, tokens_dir, tmp_path, capfd):
+    """stderr is not a terminal here (as under DVC or CI): plain lines, at most one per LOG_INTERVAL_S."""
+    from librarian.progress import LOG_INTERVAL_S
+
+    started = time.monotonic()
+    progress = run(tiny(**{"train.max_epochs": 6}), tokens_dir, tmp_path)
+    elapsed = time.monotonic() - started
+    err = capfd.readouterr().err
+    assert progress.global_step > 150 and "\r" not in err, err[-2000:]
+    lines = progress_lines(err)
+    assert 2 <= len(lines) <= 2 + elapsed / LOG_INTERVAL_S, lines  # the start, the end, one per interval between
+    assert f"{progress.global_step}/{progress.global_step}" in lines[-1]
 
 
 def test_same_seed_same_weights_other_seed_differs(tiny, tokens_dir, tmp_path):
@@ -100,7 +164,8 @@ def test_early_stopping_when_val_loss_stops_improving(tiny, tokens_dir, tmp_path
 @pytest.mark.parametrize("interrupt_after,checkpoint_every", [(5, 0), (23, 4), (37, 0)])
 def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interrupt_after, checkpoint_every):
     """Kill training after some optimizer step, rerun: the final weights equal an uninterrupted run's."""
-    params = tiny(**{"train.max_epochs": 3, "train.checkpoint_every": checkpoint_every})
+    # log_every 3 with checkpoints every 4 steps: states saved mid-way between two curve points.
+    params = tiny(**{"train.max_epochs": 3, "train.checkpoint_every": checkpoint_every, "train.log_every": 3})
     run(params, tokens_dir, tmp_path / "straight")
 
     real_step, calls = Trainer.train_step, {"n": 0}
@@ -119,9 +184,40 @@ def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interr
     resumed = run(params, tokens_dir, tmp_path / "resumed")
     for name in ["last.safetensors", "model.safetensors"]:
         assert (tmp_path / "straight" / "model" / name).read_bytes() == (tmp_path / "resumed" / "model" / name).read_bytes()
-    straight_curve = (tmp_path / "straight" / "live" / "plots" / "metrics" / "val_loss.tsv").read_text()
-    assert (tmp_path / "resumed" / "live" / "plots" / "metrics" / "val_loss.tsv").read_text() == straight_curve
+    # The curves, per-step points included, are replayed from the saved state: the same files.
+    straight, again = (files_under(tmp_path / x / "live") for x in ("straight", "resumed"))
+    assert straight == again and len(straight) == 5  # four curves and metrics.json
     assert resumed.global_step == 3 * resumed.history[0]["step"]
+    assert list(curve(tmp_path / "resumed" / "live", "train_loss")) == [*range(3, resumed.global_step + 1, 3)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_the_state_at_that_step_and_the_rerun_resumes_bit_identical(
+        tiny, tokens_dir, tmp_path, monkeypatch, capsys, signum):
+    """Ctrl-C or SIGTERM mid-epoch (no step checkpoints): the state of that very step is saved."""
+    params = tiny(**{"train.max_epochs": 2, "train.log_every": 3})
+    run(params, tokens_dir, tmp_path / "straight")
+    real_step, calls = Trainer.train_step, {"n": 0}
+
+    def signalled_step(self, order):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the signal arrives during the 7th step: it finishes, then training stops
+            os.kill(os.getpid(), signum)
+        return real_step(self, order)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_step)
+    stopped = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    with pytest.raises(stopped):
+        run(params, tokens_dir, tmp_path / "resumed")
+    assert calls["n"] == 7 and "stopped at step 7; the training state is saved" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is not None  # the deferring handlers are gone again
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = run(params, tokens_dir, tmp_path / "resumed")
+    assert "resuming at epoch 1, step 7/" in capsys.readouterr().out
+    for name in ["last.safetensors", "model.safetensors"]:
+        assert (tmp_path / "straight" / "model" / name).read_bytes() == (tmp_path / "resumed" / "model" / name).read_bytes()
+    assert files_under(tmp_path / "straight" / "live") == files_under(tmp_path / "resumed" / "live")
+    assert resumed.global_step == 2 * resumed.history[0]["step"]
 
 
 def test_kill_between_the_two_renames_of_a_checkpoint_loses_nothing(tiny, tokens_dir, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,163 @@
+"""Benchmark evaluation: tokens scored per second against training tokens per second, same run.
+
+    python benchmarks/evaluate_throughput.py [--stories 3000 --repeats 5]
+    python benchmarks/evaluate_throughput.py --sweep-widths 128,256,512   # behind threads' auto rule
+
+Data: real TinyStories text (/work/shared/data/tinystories, or --corpus): a byte-level BPE of
+the card's vocab (8000) is trained on the first --stories stories, which are then tokenized as the
+train split, and the next --stories // 4 as the test split, by the pipeline's own code
+(librarian/tokenizer.py, librarian/tokens.py). The model has the card's architecture and fresh
+random weights: speed does not depend on what they say.
+
+Training: librarian.train.Trainer with params.yaml as it is (the card's config: batch 32 x 128
+tokens, bf16 autocast, AdamW, train.threads 0 = torch's default of one thread per core), timed over
+its real train_step; also on the scoring's thread count. Scoring: librarian.evaluate.score_tokens
+on the test split at params.yaml's eval settings (stride 64, batch 64) on eval.threads (0 = auto,
+librarian/threads.py: whole batches in parallel, one per core); also shown with the trunk in
+float32, on the other thread count, and with a busy-loop process on one core. Figures are medians
+over --repeats interleaved rounds; a round that other processes disturbed is rerun (see generate_throughput.py),
+and the CPU they took is reported: the machine may be shared.
+
+Goal: scoring >= 2x training throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from generate_throughput import at, busy_core, cpu_name, medians  # noqa: E402
+
+from librarian.config import load_params  # noqa: E402
+from librarian.data import epoch_order, load_tokens  # noqa: E402
+from librarian.evaluate import score_tokens  # noqa: E402
+from librarian.model import GPT, GPTConfig  # noqa: E402
+from librarian.sources import read_shard  # noqa: E402
+from librarian.threads import available_cores, resolve_threads, using_threads  # noqa: E402
+from librarian.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+from librarian.tokens import tokenize_corpus  # noqa: E402
+from librarian.train import Trainer  # noqa: E402
+
+CORPUS = Path("/work/shared/data/tinystories/train-v2-part-000-cs336-sample5M.txt.gz")
+GOAL_RATIO = 2.0
+
+
+def make_tokens(corpus: Path, n_stories: int, params, work: Path) -> Path:
+    """train and test token files of real stories, made by the tokenize stage's code."""
+    stories = read_shard(corpus)
+    train, test = stories[:n_stories], stories[n_stories : n_stories + n_stories // 4]
+    if len(test) < 100:
+        raise SystemExit(f"{corpus} has {len(stories)} stories; lower --stories")
+    save_tokenizer(train_tokenizer(train, params.tokenizer), work / "tokenizer.json")
+    clean = work / "clean"
+    clean.mkdir()
+    for split, texts in (("train", train), ("val", test), ("test", test)):
+        pq.write_table(pa.table({"text": texts}), clean / f"{split}.parquet")
+    tokenize_corpus(clean, work / "tokenizer.json", work / "tokens", params.tokenize.chunk_stories)
+    return work / "tokens"
+
+
+def training_rate(trainer: Trainer) -> float:
+    """Tokens/s of one real optimizer step (forward, backward, AdamW) of the card's config."""
+    order = epoch_order(len(trainer.train_windows), 0, 0)
+    trainer.progress.step_in_epoch = (trainer.progress.step_in_epoch + 1) % trainer.steps_per_epoch
+    start = time.perf_counter()
+    trainer.train_step(order)
+    return trainer.tokens_per_step / (time.perf_counter() - start)
+
+
+def scoring_rate(model: GPT, tokens: np.ndarray, eval_params, threads: int, bf16: bool = True) -> float:
+    """Tokens scored per second by the evaluate stage's scoring at eval's stride and batch size."""
+    start = time.perf_counter()
+    counts = score_tokens(model, tokens, model.config.context_length, eval_params.stride, eval_params.batch_size,
+                          bf16=bf16, threads=threads)
+    return counts["tokens"] / (time.perf_counter() - start)
+
+
+def compare(args, params, work: Path) -> dict:
+    tokens_dir = make_tokens(args.corpus, args.stories, params, work)
+    test = load_tokens(tokens_dir / "test.bin").tokens[: args.score_tokens]
+    cores = available_cores()
+    train_threads = params.train.threads or cores  # 0: torch's default, a thread per core
+    with using_threads(train_threads):
+        trainer = Trainer(params, tokens_dir, work / "model", work / "state", work / "live", work / "speed")
+    trainer.model.train()
+    eval_threads = resolve_threads(params.eval.threads, trainer.model.config.d_model, "eval.threads", batched=True)
+    other = 1 if eval_threads != 1 else cores
+    model = trainer.model
+    runs = {
+        "training": lambda: at(train_threads, lambda: training_rate(trainer)),
+        f"training_{eval_threads}_threads": lambda: at(eval_threads, lambda: training_rate(trainer)),
+        "scoring": lambda: scoring_rate(model, test, params.eval, eval_threads),
+        "scoring_fp32_trunk": lambda: scoring_rate(model, test, params.eval, eval_threads, bf16=False),
+        f"scoring_{other}_threads": lambda: scoring_rate(model, test, params.eval, other),
+    }
+    if train_threads == eval_threads:
+        del runs[f"training_{eval_threads}_threads"]
+    load: dict = {}
+    rates = medians(runs, args.repeats, load)
+    with busy_core():  # a busy-loop process on one core: scoring shares it, it does not collapse
+        rates["scoring_one_core_busy"] = medians({"busy": runs["scoring"]}, args.repeats)["busy"]
+    report = {
+        "data": f"{args.stories} stories of {args.corpus.name} (train), {len(test):,} tokens of the next ones scored",
+        "train_threads": train_threads, "eval_threads": eval_threads, "eval_stride": params.eval.stride,
+        "eval_batch_size": params.eval.batch_size, "tokens_per_s": {name: round(r) for name, r in rates.items()},
+        **load,
+    }
+    report["scoring_over_training"] = round(rates["scoring"] / rates["training"], 2)
+    if f"training_{eval_threads}_threads" in rates:
+        report[f"scoring_over_training_on_{eval_threads}_threads"] = round(
+            rates["scoring"] / rates[f"training_{eval_threads}_threads"], 2)
+    report["goal_scoring_ge_2x_training"] = report["scoring_over_training"] >= GOAL_RATIO
+    return report
+
+
+def sweep_widths(widths: list[int], args) -> list[dict]:
+    """Scoring tokens/s on one thread and on every core, for the card's shape at other widths."""
+    rows, cores, params = [], available_cores(), load_params(ROOT / "params.yaml")
+    tokens = np.random.default_rng(0).integers(0, 8000, args.score_tokens // 4).astype(np.uint16)
+    for width in widths:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(d_model=width, d_ff=2 * width, n_head=max(4, width // 64)))
+        load: dict = {}
+        runs = {n: lambda n=n, model=model: scoring_rate(model, tokens, params.eval, n) for n in (1, cores)}
+        rates = medians(runs, args.repeats, load)
+        rows.append({"d_model": width, "n_params": model.n_params(), "one_thread_tokens_per_s": round(rates[1]),
+                     f"{cores}_threads_tokens_per_s": round(rates[cores]),
+                     f"{cores}_threads_over_one": round(rates[cores] / rates[1], 2), **load})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="a .txt.gz of stories separated by <|endoftext|>")
+    parser.add_argument("--stories", type=int, default=3000, help="stories to train the tokenizer on (and train)")
+    parser.add_argument("--score-tokens", type=int, default=30_000, help="test tokens scored per round")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sweep-widths", help="comma-separated d_model values: score on 1 thread and on every core")
+    args = parser.parse_args()
+    report = {"cpu": cpu_name(), "cores": available_cores(), "repeats": args.repeats}
+    if args.sweep_widths:
+        report["sweep"] = sweep_widths([int(w) for w in args.sweep_widths.split(",")], args)
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            report.update(compare(args, load_params(ROOT / "params.yaml"), Path(work)))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

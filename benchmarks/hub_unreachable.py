@@ -1,0 +1,71 @@
+"""Time to the error line when the Hugging Face hub cannot be reached, against the hub client alone.
+
+    python benchmarks/hub_unreachable.py
+
+Both run in a fresh process, online (no HF_HUB_OFFLINE), against stand-in hubs on 127.0.0.1 (set
+through HF_ENDPOINT): one whose port refuses connections, one that accepts and never answers.
+
+- baseline: `datasets.load_dataset("roneneldan/TinyStories")`, what the download stage called
+  before it probed the endpoint: the client retries five times, logging each try;
+- stage: `python -m stages.download`, which probes the endpoint (4 s at most), then prints one line.
+
+Prints seconds and stderr lines for each, and the ratio baseline / stage. The silent baseline takes
+minutes (about 400 s on 2 AMD EPYC cores: the hub client sets no timeout of its own there).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "import datasets; datasets.load_dataset('roneneldan/TinyStories')"
+
+
+@contextmanager
+def refusing():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def silent():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def timed(argv: list[str], endpoint: str, home: Path) -> tuple[float, int, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "LIBRARIAN_DEBUG")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return time.monotonic() - start, len(run.stderr.splitlines()), run.returncode
+
+
+def main() -> None:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"CPU: {cpu}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+        stage = [sys.executable, "-m", "stages.download", str(tmp / "data" / "raw"), "--params", str(tmp / "params.yaml")]
+        for name, endpoint in (("refusing", refusing), ("silent", silent)):
+            with endpoint() as url:
+                base = timed([sys.executable, "-c", BASELINE], url, tmp / "hf-base")
+                ours = timed(stage, url, tmp / "hf-stage")
+            print(f"{name:9s} baseline {base[0]:5.1f} s, {base[1]:2d} stderr lines | "
+                  f"stage {ours[0]:5.1f} s, {ours[1]} stderr line(s), exit {ours[2]} | {base[0] / ours[0]:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""DVC's command line as a data source: `dvc ... --json`, its documented output, parsed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from librarian.errors import LibrarianError
+
+IN_PROJECT = "run this in the project folder (the one with dvc.yaml)"
+
+
+def dvc_json(*args: str, fix: str = IN_PROJECT):
+    """The parsed output of `dvc ARGS --json` run here; a failure becomes one LibrarianError line ending in `fix`."""
+    command = f"dvc {' '.join(args)}"
+    # This interpreter's DVC: the one the project pins, whatever `dvc` is first on PATH.
+    result = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
+        raise LibrarianError(f"`{command}` failed ({reason}); {fix}")
+    try:
+        return json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise LibrarianError(f"`{command} --json` printed no JSON; check that `{command}` works here") from None
