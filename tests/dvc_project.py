@@ -48,11 +48,14 @@ def set_params(project: Path, **overrides):
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def make_project(dest: Path) -> Path:
-    """A git+dvc copy of the project that reads the shipped fixture instead of the hub."""
+def make_project(dest: Path, tiny: bool = True) -> Path:
+    """A git+dvc copy of the project; with `tiny`, reading the shipped fixture with a tiny model.
+
+    Without `tiny` the params are the committed ones, as in a fresh clone.
+    """
     for name in ["librarian", "stages", "tests/fixtures/tinystories"]:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"]:
+    for name in ["dvc.yaml", "params.yaml", "demo.yaml", ".gitignore", ".dvcignore"]:
         shutil.copy(ROOT / name, dest / name)
     (dest / "metrics").mkdir()
     run(["git", "init", "-q"], dest)
@@ -60,8 +63,9 @@ def make_project(dest: Path) -> Path:
     run(["git", "config", "user.name", "test"], dest)
     dvc("init", "-q", "--force", cwd=dest)
     dvc("config", "core.analytics", "false", cwd=dest)
-    set_params(dest, **{"data.source": "tests/fixtures/tinystories", "data.fraction": 1.0,
-                        "tokenizer.vocab_size": 1000, "tokenize.chunk_stories": 50, **TINY})
+    if tiny:
+        set_params(dest, **{"data.source": "tests/fixtures/tinystories", "data.fraction": 1.0,
+                            "tokenizer.vocab_size": 1000, "tokenize.chunk_stories": 50, **TINY})
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "fixture project"], dest)
     return dest
