@@ -8,6 +8,8 @@ and plain values only, loaded with `weights_only=True`, which cannot run code.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from librarian.config import ModelParams
 from librarian.errors import LibrarianError
-from librarian.io import atomic_path
+from librarian.io import atomic_dir, atomic_path, recover_dir
 from librarian.model import GPT, GPTConfig
 
 # One metadata entry, a sorted JSON object: safetensors writes its metadata map in a random order,
@@ -164,3 +166,61 @@ def load_state(path: str | Path) -> dict:
         raise LibrarianError(
             f"training state {path} is unreadable or unsafe ({type(exc).__name__}); delete it to start training afresh"
         ) from None
+
+
+class TrainState:
+    """Everything a resumed run needs, saved and loaded through one state dict (as in litgpt).
+
+    A state folder holds `last.safetensors` (the weights), `best.safetensors` (the best so far,
+    written by the trainer when it improves) and `state.pt`: state_dict() minus the weights, i.e.
+    tensors and plain values only, so it loads with weights_only=True. `progress` is any dataclass
+    (the trainer's Progress); it is kept as JSON text, which loads whatever its history holds.
+    The fingerprint names the params and data the state belongs to: another run's is not resumed.
+    """
+
+    STATE, LAST, BEST = "state.pt", "last.safetensors", "best.safetensors"
+
+    def __init__(self, model: GPT, optimizer, scaler, progress, fingerprint: str, device: torch.device):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.progress, self.fingerprint, self.device = progress, fingerprint, device
+
+    def state_dict(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {
+            "fingerprint": self.fingerprint,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None},
+            "progress": json.dumps(asdict(self.progress)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.progress = type(self.progress)(**json.loads(state["progress"]))
+
+    def save(self, folder: str | Path, tokenizer_sha256: str | None) -> None:
+        """Replace the state folder whole: a kill leaves the previous complete state or this one."""
+        folder = Path(folder)
+        best = folder / self.BEST
+        with atomic_dir(folder) as tmp:
+            save_weights(self.model, tmp / self.LAST, tokenizer_sha256)
+            if best.exists():
+                shutil.copyfile(best, tmp / self.BEST)
+            save_state(self.state_dict(), tmp / self.STATE)
+
+    def load(self, folder: str | Path) -> str:
+        """Resume from `folder`: "" when resumed, else why not ("none", "other run")."""
+        folder = Path(folder)
+        recover_dir(folder)
+        if not (folder / self.STATE).exists():
+            return "none"
+        state = load_state(folder / self.STATE)
+        if state.get("fingerprint") != self.fingerprint:
+            return "other run"
+        self.model.load_state_dict(load_weights(folder / self.LAST).state_dict())
+        self.load_state_dict(state)
+        return ""

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from librarian.checkpoint import load_state, load_weights, save_state, save_weights
+from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params, TrainParams
 from librarian.data import Windows, epoch_order, load_tokens
 from librarian.environment import describe, make_deterministic
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
-from librarian.io import atomic_dir, recover_dir, remove_dir, write_json
+from librarian.io import atomic_dir, remove_dir, write_json
 from librarian.model import GPT, GPTConfig
 from librarian.process import deferred_stops
 from librarian.progress import progress_bar
@@ -204,43 +204,21 @@ class Trainer:
     # --- checkpoints ---
 
     def resume(self) -> bool:
-        recover_dir(self.state_dir)
-        state_file = self.state_dir / "state.pt"
-        if not state_file.exists():
-            return False
-        state = load_state(state_file)
-        if state.get("fingerprint") != self.fingerprint:
+        state = TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device)
+        why_not = state.load(self.state_dir)
+        if why_not == "other run":
             self._log("train: saved training state is for other params or data; starting afresh")
+        if why_not:
             return False
-        self.model.load_state_dict(load_weights(self.state_dir / "last.safetensors").state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.progress = Progress(**json.loads(state["progress"]))
-        p = self.progress
+        self.progress = p = state.progress
         self._log(f"train: resuming at epoch {p.epoch + 1}, step {p.step_in_epoch}/{self.steps_per_epoch} ({p.global_step} steps done)")
         return True
 
     def checkpoint(self) -> None:
         """Save the whole training state atomically (rank 0 only)."""
         if self.rank == 0:
-            state = {
-                "fingerprint": self.fingerprint,
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
-                "schedule": {"step": self.progress.global_step, "lr": lr_at(self.progress.global_step, self.tp, self.total_steps)},
-                # Plain JSON text: loads under weights_only=True whatever the history holds.
-                "progress": json.dumps(asdict(self.progress)),
-            }
-            keep = self.state_dir / "best.safetensors"
-            with atomic_dir(self.state_dir) as tmp:
-                save_weights(self.model, tmp / "last.safetensors", self.tokenizer_sha256)
-                if keep.exists():
-                    shutil.copyfile(keep, tmp / "best.safetensors")
-                save_state(state, tmp / "state.pt")
+            state = TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device)
+            state.save(self.state_dir, self.tokenizer_sha256)
         self._barrier()
 
     # --- steps ---

@@ -312,3 +312,38 @@ def test_fused_loss_trains_like_the_plain_loss(tiny, tokens_dir, tmp_path):
 def test_compiled_training_runs(tiny, tokens_dir, tmp_path):
     progress = run(tiny(**{"train.max_steps": 3, "train.compile": True, "train.fused_loss": True}), tokens_dir, tmp_path)
     assert progress.global_step == 3 and math.isfinite(progress.best_val_loss)
+
+
+def test_train_state_round_trips_through_one_state_dict(make_params, tmp_path):
+    """TrainState saves what resume needs (weights, optimizer, scaler, RNG, progress) and loads it back."""
+    from librarian.checkpoint import TrainState
+    from librarian.model import GPT, GPTConfig
+    from librarian.train import Progress, build_optimizer
+
+    params = make_params(**TINY_MODEL)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig.from_params(params.model, vocab_size=64))
+        return model, build_optimizer(model, params.train), torch.amp.GradScaler("cuda", enabled=False)
+
+    model, optimizer, scaler = fresh(0)
+    x = torch.randint(0, 64, (2, 16))
+    model(x, x)[1].backward()
+    optimizer.step()
+    progress = Progress(epoch=1, global_step=7, tokens_seen=896, history=[{"epoch": 1, "val_loss": 3.5}])
+    saved = TrainState(model, optimizer, scaler, progress, "run-a", torch.device("cpu"))
+    saved.save(tmp_path / "state", tokenizer_sha256=None)
+    rng_then = torch.get_rng_state()
+    torch.rand(5)  # moves the RNG on: loading must put it back
+
+    other = TrainState(*fresh(1), Progress(), "run-b", torch.device("cpu"))
+    assert other.load(tmp_path / "state") == "other run" and other.progress == Progress()
+    loaded = TrainState(*fresh(1), Progress(), "run-a", torch.device("cpu"))
+    assert loaded.load(tmp_path / "state") == ""
+    assert loaded.progress == progress and torch.equal(torch.get_rng_state(), rng_then)
+    for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert str(loaded.optimizer.state_dict()) == str(optimizer.state_dict())
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["last.safetensors", "state.pt"]
+    assert TrainState(*fresh(2), Progress(), "run-a", torch.device("cpu")).load(tmp_path / "nothing") == "none"
