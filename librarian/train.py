@@ -67,6 +67,41 @@ class Progress:
     point_loss_sum: float = 0.0
     point_loss_count: int = 0
 
+    def count_step(self, loss: float, tokens: int) -> None:
+        """One optimizer step done, on `tokens` tokens, at train loss `loss`."""
+        self.step_in_epoch += 1
+        self.global_step += 1
+        self.tokens_seen += tokens
+        self.epoch_loss_sum += loss
+        self.epoch_loss_count += 1
+        self.point_loss_sum += loss
+        self.point_loss_count += 1
+
+    def cap_reached(self, max_steps: int, max_tokens: int) -> str:
+        """Why training must stop now ("max_steps", "max_tokens"), or "" (0 = no cap)."""
+        if max_steps and self.global_step >= max_steps:
+            return "max_steps"
+        if max_tokens and self.tokens_seen >= max_tokens:
+            return "max_tokens"
+        return ""
+
+    def end_epoch(self, val_loss: float, patience: int) -> bool:
+        """Close the epoch with its validation loss; True when it is the best so far.
+
+        Early stopping: after `patience` epochs in a row without a better validation loss, the
+        stop reason becomes "early_stopping" (unless a cap already ended the run).
+        """
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch + 1, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= patience and not self.stop_reason:
+                self.stop_reason = "early_stopping"
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_loss_count = 0, 0.0, 0
+        return improved
+
 
 # --- setup -------------------------------------------------------------------------------------
 
@@ -299,13 +334,10 @@ class Trainer:
             bar.set_description(f"epoch {p.epoch + 1}/{planned_epochs}", refresh=False)
             while p.step_in_epoch < self.steps_per_epoch and not p.stop_reason:
                 loss = self.train_step(order)
-                p.step_in_epoch += 1
-                p.global_step += 1
-                p.tokens_seen += self.tokens_per_step
-                p.epoch_loss_sum += loss
-                p.epoch_loss_count += 1
-                p.stop_reason = self._cap_reached()
-                self._count_point_loss(loss, live)
+                p.count_step(loss, self.tokens_per_step)
+                p.stop_reason = p.cap_reached(tp.max_steps, tp.max_tokens)
+                if p.global_step % tp.log_every == 0:
+                    self._add_point(live)
                 elapsed = time.perf_counter() - started
                 # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not every step.
                 tokens_per_s = (p.step_in_epoch - steps_before) * self.tokens_per_step / elapsed
@@ -325,13 +357,6 @@ class Trainer:
             p.elapsed_s += epoch_s
             self._end_epoch((p.step_in_epoch - steps_before) * self.tokens_per_step / max(epoch_s, 1e-9), live)
             stop.raise_now()  # a stop during validation: _end_epoch has just saved the state
-
-    def _count_point_loss(self, loss: float, live) -> None:
-        p = self.progress
-        p.point_loss_sum += loss
-        p.point_loss_count += 1
-        if p.global_step % self.tp.log_every == 0:
-            self._add_point(live)
 
     def _add_point(self, live) -> None:
         """A point of the step curves: the mean train loss since the last point, the learning rate of this step."""
@@ -355,29 +380,13 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "elapsed_s": p.elapsed_s,
         }
         p.history.append(record)
-        if val < p.best_val_loss:
-            p.best_val_loss, p.best_epoch, p.bad_epochs = val, p.epoch + 1, 0
-            if self.rank == 0:
-                save_weights(self.model, self.state_dir / "best.safetensors", self.tokenizer_sha256)
-        else:
-            p.bad_epochs += 1
-            if p.bad_epochs >= self.tp.patience and not p.stop_reason:
-                p.stop_reason = "early_stopping"
-        p.epoch += 1
-        p.step_in_epoch, p.epoch_loss_sum, p.epoch_loss_count = 0, 0.0, 0
+        if p.end_epoch(val, self.tp.patience) and self.rank == 0:
+            save_weights(self.model, self.state_dir / TrainState.BEST, self.tokenizer_sha256)
         if live:
             live.log_epoch(record)
         self._log(f"train: epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val:.4f}"
                   f"{' (best)' if p.best_epoch == record['epoch'] else ''}, {tokens_per_s:,.0f} tokens/s")
         self.checkpoint()
-
-    def _cap_reached(self) -> str:
-        p, tp = self.progress, self.tp
-        if tp.max_steps and p.global_step >= tp.max_steps:
-            return "max_steps"
-        if tp.max_tokens and p.tokens_seen >= tp.max_tokens:
-            return "max_tokens"
-        return ""
 
     def _finish(self) -> None:
         """Publish the best and last weights and a summary as the stage's outputs; drop the state."""

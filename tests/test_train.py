@@ -347,3 +347,28 @@ def test_train_state_round_trips_through_one_state_dict(make_params, tmp_path):
     assert str(loaded.optimizer.state_dict()) == str(optimizer.state_dict())
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["last.safetensors", "state.pt"]
     assert TrainState(*fresh(2), Progress(), "run-a", torch.device("cpu")).load(tmp_path / "nothing") == "none"
+
+
+def test_progress_counts_steps_and_caps():
+    from librarian.train import Progress
+
+    p = Progress()
+    for loss in (4.0, 3.0):
+        p.count_step(loss, tokens=100)
+    assert (p.global_step, p.step_in_epoch, p.tokens_seen, p.epoch_loss_sum, p.point_loss_count) == (2, 2, 200, 7.0, 2)
+    assert p.cap_reached(max_steps=0, max_tokens=0) == ""
+    assert p.cap_reached(max_steps=2, max_tokens=0) == "max_steps"
+    assert p.cap_reached(max_steps=3, max_tokens=150) == "max_tokens"
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_val_loss():
+    from librarian.train import Progress
+
+    p = Progress()
+    improved = [p.end_epoch(val, patience=2) for val in (3.0, 2.5, 2.6, 2.5)]
+    assert improved == [True, True, False, False] and p.stop_reason == "early_stopping"
+    assert (p.epoch, p.best_epoch, p.best_val_loss, p.bad_epochs, p.step_in_epoch) == (4, 2, 2.5, 2, 0)
+    capped = Progress(stop_reason="max_steps")
+    capped.end_epoch(3.0, patience=1)
+    capped.end_epoch(3.1, patience=1)
+    assert capped.stop_reason == "max_steps"  # a cap that ended the run stays its reason
