@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from librarian.generate import Generator, Sampling, generate_ids  # noqa: E402
+from librarian.generate import GenerationOptions, Generator, generate_ids  # noqa: E402
 from librarian.model import GPT, GPTConfig  # noqa: E402
 from librarian.threads import auto_threads, available_cores, using_threads  # noqa: E402
 
@@ -77,7 +77,8 @@ def busy_core(core: int | None = None):
 
 def tokens_per_s(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool = True) -> float:
     start = time.perf_counter()
-    made = sum(1 for _ in generate_ids(model, prompt, new_tokens, Sampling(temperature=0), use_cache=use_cache))
+    greedy = GenerationOptions(temperature=0, max_new_tokens=new_tokens, use_cache=use_cache)
+    made = sum(1 for _ in generate_ids(model, prompt, greedy))
     assert made == new_tokens
     return new_tokens / (time.perf_counter() - start)
 
@@ -130,8 +131,8 @@ def medians(runs: dict, repeats: int, report: dict | None = None) -> dict:
 
 def time_to_first_token(generator: Generator) -> float:
     start = time.perf_counter()
-    next(iter(generator.stream(CHAT_PROMPT, max_new_tokens=50, sampling=Sampling(0.8, 50, 0.95), seed=0,
-                               stop_strings=("User:",))))
+    options = GenerationOptions(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=50, seed=0)
+    next(iter(generator.stream(CHAT_PROMPT, options, stop_strings=("User:",))))
     return time.perf_counter() - start
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from librarian.errors import LibrarianError
-from librarian.generate import Generator, Sampling
+from librarian.generate import GenerationOptions, Generator
 
 USER, ASSISTANT = "User:", "Assistant:"
 STOP_STRINGS = (USER,)  # <|endoftext|> is a stop token in Generator.stream already
@@ -47,7 +47,7 @@ COMMANDS = {
     "/quit": "leave (Ctrl-D does too)",
 }
 
-# command -> (Sampling field, value type, example value)
+# command -> (GenerationOptions field, value type, example value)
 SETTINGS = {"/temp": ("temperature", float, "0.8"), "/topk": ("top_k", int, "50"), "/topp": ("top_p", float, "0.95")}
 
 
@@ -111,20 +111,10 @@ def fit_prompt(
 
 
 class ChatSession:
-    """The state of one conversation: history, sampling settings and the commands that change them."""
+    """The state of one conversation: history, generation options and the commands that change them."""
 
-    def __init__(
-        self,
-        generator: Generator,
-        sampling: Sampling = Sampling(),
-        max_new_tokens: int = 200,
-        seed: int | None = None,
-        use_cache: bool = True,
-    ):
-        if max_new_tokens < 1:
-            raise LibrarianError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.generator, self.sampling, self.max_new_tokens = generator, sampling, max_new_tokens
-        self.seed, self.use_cache = seed, use_cache
+    def __init__(self, generator: Generator, options: GenerationOptions = GenerationOptions()):
+        self.generator, self.options = generator, options
         self.history: list[Turn] = []
         self.replies = 0  # replies started: reply i samples with seed + i, so a seeded session repeats
 
@@ -135,7 +125,7 @@ class ChatSession:
     @property
     def prompt_budget(self) -> int:
         """Tokens the prompt may use; the rest of the context is left for the reply."""
-        reply_room = max(1, min(self.max_new_tokens, self.context_length // 4))
+        reply_room = max(1, min(self.options.max_new_tokens, self.context_length // 4))
         return max(1, self.context_length - reply_room)
 
     def build_prompt(self, message: str) -> tuple[str, int, str]:
@@ -148,9 +138,9 @@ class ChatSession:
         If the caller stops early (Ctrl-C), the history is left as it was.
         """
         prompt, kept, used = self.build_prompt(message)
-        seed = None if self.seed is None else self.seed + self.replies
+        seed = None if self.options.seed is None else self.options.seed + self.replies
         self.replies += 1
-        stream = self.generator.stream(prompt, self.max_new_tokens, self.sampling, seed, STOP_STRINGS, self.use_cache)
+        stream = self.generator.stream(prompt, replace(self.options, seed=seed), STOP_STRINGS)
         pieces = []
         try:
             for piece in stream:
@@ -175,25 +165,25 @@ class ChatSession:
         if name not in SETTINGS:
             return f"unknown command {name}; type /help for the list of commands", False
         field, kind, example = SETTINGS[name]
-        keeping = f"keeping {describe(self.sampling, only=field)}"
+        keeping = f"keeping {describe(self.options, only=field)}"
         try:
             value = kind(arg)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             return f"error: {name} needs {what}, e.g. {name} {example}; {keeping}", False
         try:
-            self.sampling = replace(self.sampling, **{field: value})
+            self.options = replace(self.options, **{field: value})
         except LibrarianError as exc:
             return f"error: {exc}; {keeping}", False
-        return f"now {describe(self.sampling)}", False
+        return f"now {describe(self.options)}", False
 
 
-def describe(sampling: Sampling, only: str | None = None) -> str:
-    """The settings as the user names them: "temperature 0 (greedy), top-k 50, top-p 1 (off)"."""
+def describe(options: GenerationOptions, only: str | None = None) -> str:
+    """The sampling settings as the user names them: "temperature 0 (greedy), top-k 50, top-p 1 (off)"."""
     parts = {
-        "temperature": "temperature " + ("0 (greedy)" if sampling.temperature == 0 else f"{sampling.temperature:g}"),
-        "top_k": f"top-k {sampling.top_k}" + ("" if sampling.top_k else " (off)"),
-        "top_p": f"top-p {sampling.top_p:g}" + ("" if sampling.top_p < 1 else " (off)"),
+        "temperature": "temperature " + ("0 (greedy)" if options.temperature == 0 else f"{options.temperature:g}"),
+        "top_k": f"top-k {options.top_k}" + ("" if options.top_k else " (off)"),
+        "top_p": f"top-p {options.top_p:g}" + ("" if options.top_p < 1 else " (off)"),
     }
     return parts[only] if only else ", ".join(parts.values())
 
@@ -207,7 +197,7 @@ def help_text() -> str:
 def banner(session: ChatSession) -> str:
     return (
         "Librarian chat: a small story model continuing a User:/Assistant: dialogue.\n"
-        f"{describe(session.sampling)}, up to {session.max_new_tokens} tokens a reply, "
+        f"{describe(session.options)}, up to {session.options.max_new_tokens} tokens a reply, "
         f"context {session.context_length} tokens.\n"
         "Commands: /reset /temp X /topk N /topp P /help /quit. Ctrl-C stops a reply; Ctrl-D or /quit leaves."
     )
@@ -215,15 +205,12 @@ def banner(session: ChatSession) -> str:
 
 def run_chat(
     generator: Generator,
-    sampling: Sampling = Sampling(),
-    max_new_tokens: int = 200,
-    seed: int | None = None,
+    options: GenerationOptions = GenerationOptions(),
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
-    use_cache: bool = True,
 ) -> int:
     """Read messages with `input_fn` until /quit or end of input; stream replies to `output`. Returns 0."""
-    session = ChatSession(generator, sampling, max_new_tokens, seed, use_cache)
+    session = ChatSession(generator, options)
 
     def say(text: str = "", end: str = "\n") -> None:
         output.write(text + end)

@@ -138,13 +138,12 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads; 0 = auto: the fastest for the model's size (default: 0)")
 
 
-def sampling_from(args: argparse.Namespace):
-    """The validated Sampling of the command line (LibrarianError on a bad value)."""
-    from librarian.generate import Sampling
+def options_from(args: argparse.Namespace):
+    """The validated GenerationOptions of the command line (LibrarianError on a bad value)."""
+    from librarian.generate import GenerationOptions
 
-    if args.max_new_tokens < 1:
-        raise LibrarianError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    return Sampling(args.temperature, args.top_k, args.top_p)
+    return GenerationOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache)
 
 
 def use_threads(args: argparse.Namespace, generator) -> None:
@@ -157,11 +156,13 @@ def use_threads(args: argparse.Namespace, generator) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from librarian.chat import strip_controls
     from librarian.generate import Generator
 
     require_open("stdout", "generate prints its text there: leave stdout open, or send it to a file (> story.txt)")
-    sampling = sampling_from(args)
+    options = options_from(args)
     if args.num_samples < 1:
         raise LibrarianError(f"--num-samples must be >= 1, got {args.num_samples}")
     prompt = strip_controls(args.prompt)
@@ -175,8 +176,8 @@ def run_generate(args: argparse.Namespace) -> None:
             out.write(f"\n--- sample {i + 1} ---\n")
         out.write(prompt)
         out.flush()
-        seed = None if args.seed is None else args.seed + i
-        for piece in generator.stream(prompt, args.max_new_tokens, sampling, seed, use_cache=not args.no_cache):
+        seed = None if options.seed is None else options.seed + i
+        for piece in generator.stream(prompt, replace(options, seed=seed)):
             out.write(piece)
             out.flush()
         out.write("\n")
@@ -189,7 +190,7 @@ def run_chat(args: argparse.Namespace) -> None:
 
     require_open("stdin", "chat reads your messages from it: run it in a terminal, or pipe them in (< messages.txt)")
     require_open("stdout", "chat prints its replies there: run it in a terminal, or send them to a file (> chat.txt)")
-    sampling = sampling_from(args)
+    options = options_from(args)
     generator = Generator.load(args.model, args.tokenizer)
     use_threads(args, generator)
     if hasattr(sys.stdin, "reconfigure"):
@@ -206,8 +207,7 @@ def run_chat(args: argparse.Namespace) -> None:
             print(line, flush=True)
             return line
 
-    chat.run_chat(generator, sampling, args.max_new_tokens, args.seed, input_fn=input_fn, output=sys.stdout,
-                  use_cache=not args.no_cache)
+    chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout)
 
 
 def run_export(args: argparse.Namespace) -> None:

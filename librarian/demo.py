@@ -76,12 +76,12 @@ def run_pipeline(root: Path, settings: list[str]) -> None:
 def show_model(root: Path) -> None:
     """A continuation and a chat reply from the demo's model: what `generate` and `chat` print."""
     from librarian.chat import ChatSession
-    from librarian.generate import Generator, Sampling
+    from librarian.generate import GenerationOptions, Generator
 
     generator = Generator.load(root / "data/model/model.safetensors", root / "data/tokenizer.json")
-    sampling = Sampling(temperature=0.8, top_k=50, top_p=0.95)
-    story = generator.complete(PROMPT, max_new_tokens=60, sampling=sampling, seed=1)
-    reply = "".join(ChatSession(generator, sampling, max_new_tokens=60, seed=1).reply(CHAT_MESSAGE)).strip()
+    options = GenerationOptions(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=60, seed=1)
+    story = generator.complete(PROMPT, options)
+    reply = "".join(ChatSession(generator, options).reply(CHAT_MESSAGE)).strip()
     print(f"\ngenerate> {PROMPT}{story}\n\nchat> User: {CHAT_MESSAGE}\n      Assistant: {reply}\n")
     print("The demo model trained for seconds on 370 stories: expect words, not yet stories. Next:\n"
           f'  librarian generate --prompt "{PROMPT}"\n'

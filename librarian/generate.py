@@ -1,6 +1,7 @@
 """Text generation: the card's sampling controls, a KV cache, a sliding window and streaming.
 
-Sampling: temperature (0 = greedy), top-k and top-p (nucleus), composable; seeded.
+Sampling: temperature (0 = greedy), top-k and top-p (nucleus), composable; seeded. All the options of
+one generation travel together as one validated GenerationOptions.
 
 Past the context: the model sees a window of at most context_length tokens. When the window is
 full it jumps forward by half a context, so every token is predicted from at least half a
@@ -23,10 +24,20 @@ from librarian.tokenizer import EOT
 
 
 @dataclass(frozen=True)
-class Sampling:
+class GenerationOptions:
+    """How to continue a prompt, validated once here for every caller (CLI, chat, samples, demo).
+
+    Frozen: a change (chat's /temp, a per-sample seed) is a new object, made with dataclasses.replace,
+    which validates again. Stop tokens and stop strings are not options: the tokenizer and the chat
+    format fix them, not the user.
+    """
+
     temperature: float = 1.0  # 0: greedy, deterministic
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    max_new_tokens: int = 200
+    seed: int | None = None  # None: a different continuation every time
+    use_cache: bool = True  # False: recompute the whole window each step (same tokens, slower)
 
     def __post_init__(self):
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -35,29 +46,31 @@ class Sampling:
             raise LibrarianError(f"top-k must be a whole number >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LibrarianError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise LibrarianError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def filter_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
     """Temperature-scaled logits (..., V) with everything outside top-k and top-p set to -inf."""
     # Shifted so the largest logit is 0: a tiny temperature then gives -inf, never inf - inf = nan.
-    logits = (logits.float() - logits.float().max(-1, keepdim=True).values) / sampling.temperature
-    if sampling.top_k and sampling.top_k < logits.size(-1):
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+    logits = (logits.float() - logits.float().max(-1, keepdim=True).values) / options.temperature
+    if options.top_k and options.top_k < logits.size(-1):
+        kth = torch.topk(logits, options.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1:
+    if options.top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
         # Keep the smallest prefix whose mass reaches p: drop a token once the mass before it does.
-        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        drop = probs.cumsum(-1) - probs >= options.top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+def next_token(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
     """One token id from the logits (V,) of the last position."""
-    if sampling.temperature == 0:
+    if options.temperature == 0:
         return int(torch.argmax(logits))
-    probs = filter_logits(logits, sampling).softmax(-1)
+    probs = filter_logits(logits, options).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -70,24 +83,22 @@ def window_start(length: int, start: int, context_length: int) -> int:
 def generate_ids(
     model: GPT,
     prompt: list[int],
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
-    seed: int | None = None,
+    options: GenerationOptions = GenerationOptions(),
     stop_ids: tuple[int, ...] = (),
-    use_cache: bool = True,
 ) -> Iterator[int]:
-    """Yield new token ids one by one; stop after max_new_tokens or at a stop id (not yielded)."""
+    """Yield new token ids one by one; stop after options.max_new_tokens or at a stop id (not yielded)."""
     if not prompt:
         raise LibrarianError("the prompt is empty; give at least one token (or some text)")
     model.eval()
     ctx = model.config.context_length
     device = model.tok_emb.weight.device
-    generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+    seed = options.seed
+    generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
     ids = list(prompt[-ctx:])  # a prompt longer than the context keeps its end
     start, cache = 0, None
-    for _ in range(max_new_tokens):
+    for _ in range(options.max_new_tokens):
         new_start = window_start(len(ids), start, ctx)
-        if use_cache:
+        if options.use_cache:
             if cache is None or new_start != start:
                 cache = model.new_cache()
                 feed = ids[new_start:]
@@ -98,7 +109,7 @@ def generate_ids(
             hidden = model.hidden(torch.tensor([ids[new_start:]], device=device))
         start = new_start
         # Only the last position's logits are needed: skip the output head everywhere else.
-        token = next_token(model.next_logits(hidden[0, -1]).cpu(), sampling, generator)
+        token = next_token(model.next_logits(hidden[0, -1]).cpu(), options, generator)
         if token in stop_ids:
             return
         ids.append(token)
@@ -180,17 +191,11 @@ class Generator:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def stream(
-        self,
-        prompt: str,
-        max_new_tokens: int = 200,
-        sampling: Sampling = Sampling(),
-        seed: int | None = None,
-        stop_strings: tuple[str, ...] = (),
-        use_cache: bool = True,
+        self, prompt: str, options: GenerationOptions = GenerationOptions(), stop_strings: tuple[str, ...] = ()
     ) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece, as it is generated."""
+        """Yield the continuation of `prompt` piece by piece, as it is generated; it ends at <|endoftext|>."""
         text = TextStream(self.decode, stop_strings)
-        ids = generate_ids(self.model, self.encode(prompt), max_new_tokens, sampling, seed, (self.eot,), use_cache)
+        ids = generate_ids(self.model, self.encode(prompt), options, (self.eot,))
         for token in ids:
             piece = text.push(token)
             if piece:
@@ -201,5 +206,7 @@ class Generator:
         if tail:
             yield tail
 
-    def complete(self, prompt: str, **options) -> str:
-        return "".join(self.stream(prompt, **options))
+    def complete(
+        self, prompt: str, options: GenerationOptions = GenerationOptions(), stop_strings: tuple[str, ...] = ()
+    ) -> str:
+        return "".join(self.stream(prompt, options, stop_strings))

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from librarian.config import SamplesParams
-from librarian.generate import Generator, Sampling
+from librarian.generate import GenerationOptions, Generator
 from librarian.io import write_text
 from librarian.threads import resolve_threads, using_threads
 from librarian.tokenizer import file_sha256
@@ -40,7 +40,8 @@ def render_samples(
     model_sha: str,
     tokenizer_sha: str,
 ) -> str:
-    sampling = Sampling(params.temperature, params.top_k, params.top_p)
+    options = GenerationOptions(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                max_new_tokens=params.max_new_tokens, seed=params.seed)
     lines = [
         "# Samples",
         "",
@@ -51,9 +52,7 @@ def render_samples(
         "(ends early at `<|endoftext|>`)",
     ]
     for i, prompt in enumerate(params.prompts, start=1):
-        continuation = generator.complete(
-            prompt, max_new_tokens=params.max_new_tokens, sampling=sampling, seed=params.seed
-        )
+        continuation = generator.complete(prompt, options)
         lines += ["", f"## Sample {i}", "", "Prompt:", "", fenced(prompt)]
         lines += ["", "Continuation:", "", fenced(continuation)]
     return "\n".join(lines) + "\n"

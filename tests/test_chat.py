@@ -1,5 +1,6 @@
 import io
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from librarian.chat import (
     run_chat,
     strip_controls,
 )
-from librarian.generate import Generator, Sampling
+from librarian.generate import GenerationOptions, Generator
 
 CTX = 32
 
@@ -72,10 +73,10 @@ class Script:
         self.gen, self.ids, self.interrupt_after = gen, gen.encode(text), interrupt_after
         self.prompts = []
 
-    def __call__(self, model, prompt, max_new_tokens, *args, **kwargs):
+    def __call__(self, model, prompt, options, *args, **kwargs):
         self.prompts.append(self.gen.decode(prompt))
         interrupt, self.interrupt_after = self.interrupt_after, None  # only the first reply
-        for i, token in enumerate(self.ids[:max_new_tokens]):
+        for i, token in enumerate(self.ids[: options.max_new_tokens]):
             if interrupt is not None and i == interrupt:
                 raise KeyboardInterrupt
             yield token
@@ -97,9 +98,10 @@ def feed(*lines):
 
 
 def chat(gen, *lines, **options) -> tuple[int, str]:
+    """run_chat on `lines`; `options` are GenerationOptions fields (default: greedy, 12 tokens a reply)."""
     out = io.StringIO()
-    code = run_chat(gen, options.pop("sampling", Sampling(0)), options.pop("max_new_tokens", 12),
-                    input_fn=feed(*lines), output=out, **options)
+    code = run_chat(gen, GenerationOptions(**{"temperature": 0, "max_new_tokens": 12, **options}),
+                    input_fn=feed(*lines), output=out)
     return code, out.getvalue()
 
 
@@ -131,7 +133,7 @@ def test_history_drops_the_oldest_turns_first_to_fit_the_context(gen):
 
 def test_session_forgets_turns_that_no_longer_fit(wide, monkeypatch):
     monkeypatch.setattr(generate_module, "generate_ids", Script(wide, " Fine."))
-    session = ChatSession(wide, Sampling(0), max_new_tokens=8)
+    session = ChatSession(wide, GenerationOptions(0, max_new_tokens=8))
     assert session.prompt_budget == 128 - 8
     for i in range(8):
         list(session.reply(f"message number {i}"))
@@ -165,7 +167,7 @@ def test_a_context_too_small_for_the_format_still_keeps_the_message_end(gen):
 def test_reply_stops_at_the_next_user_turn_and_is_stored_stripped(wide, monkeypatch):
     script = Script(wide, " Hello, friend!\nUser: and more\nAssistant: no")
     monkeypatch.setattr(generate_module, "generate_ids", script)
-    session = ChatSession(wide, Sampling(0), max_new_tokens=50)
+    session = ChatSession(wide, GenerationOptions(0, max_new_tokens=50))
     assert "".join(session.reply("Hi")).strip() == "Hello, friend!"
     assert session.history == [Turn("Hi", "Hello, friend!")]
     list(session.reply("Again"))
@@ -185,8 +187,8 @@ def test_display_trims_the_reply_and_removes_control_characters():
 
 def test_real_generator_replies_and_a_seeded_session_repeats(gen):
     lines = ("Hello", "How are you?", "/reset", "Hello")
-    first = chat(gen, *lines, sampling=Sampling(0.8, 50, 0.95), seed=3)
-    assert first == chat(gen, *lines, sampling=Sampling(0.8, 50, 0.95), seed=3)
+    first = chat(gen, *lines, temperature=0.8, top_k=50, top_p=0.95, seed=3)
+    assert first == chat(gen, *lines, temperature=0.8, top_k=50, top_p=0.95, seed=3)
     assert first[0] == 0 and first[1].count("\nAssistant:") == 3
 
 
@@ -196,7 +198,7 @@ def test_real_generator_replies_and_a_seeded_session_repeats(gen):
 def test_reset_clears_the_history(wide, monkeypatch):
     script = Script(wide, " Yes.")
     monkeypatch.setattr(generate_module, "generate_ids", script)
-    session = ChatSession(wide, Sampling(0), max_new_tokens=8)
+    session = ChatSession(wide, GenerationOptions(0, max_new_tokens=8))
     list(session.reply("first"))
     assert session.history
     text, quit_ = session.command("/reset")
@@ -209,9 +211,10 @@ def test_reset_clears_the_history(wide, monkeypatch):
                                               ("/topk 5", "top_k", 5), ("/topk 0", "top_k", 0),
                                               ("/topp 0.5", "top_p", 0.5), ("/TOPP 1", "top_p", 1.0)])
 def test_sampling_commands_change_the_setting(wide, line, field, value):
-    session = ChatSession(wide, Sampling(0.8, 50, 0.95))
+    before = GenerationOptions(0.8, 50, 0.95, max_new_tokens=30, seed=7, use_cache=False)
+    session = ChatSession(wide, before)
     text, quit_ = session.command(line)
-    assert getattr(session.sampling, field) == value and not quit_
+    assert session.options == replace(before, **{field: value}) and not quit_  # the other options kept
     assert "\n" not in text and not text.startswith("error")
 
 
@@ -222,10 +225,10 @@ def test_sampling_commands_change_the_setting(wide, line, field, value):
                                           ("/topp 0", r"top-p must be in \(0, 1\]"),
                                           ("/topp 1.5", r"top-p must be in \(0, 1\]")])
 def test_bad_sampling_values_keep_the_old_setting(wide, line, message):
-    before = Sampling(0.8, 50, 0.95)
+    before = GenerationOptions(0.8, 50, 0.95)
     session = ChatSession(wide, before)
     text, quit_ = session.command(line)
-    assert session.sampling == before and not quit_
+    assert session.options == before and not quit_
     assert text.startswith("error: ") and "keeping" in text and "\n" not in text
     assert re.search(message, text)
 
@@ -276,7 +279,7 @@ def test_control_characters_are_stripped_before_use(wide, monkeypatch):
 
 
 def test_emoji_and_non_ascii_input(wide):
-    session = ChatSession(wide, Sampling(0), max_new_tokens=10)
+    session = ChatSession(wide, GenerationOptions(0, max_new_tokens=10))
     reply = "".join(session.reply("Hi 🐱! Ça va? 日本語 ñ"))
     assert isinstance(reply, str)
     assert session.history[0].user == "Hi 🐱! Ça va? 日本語 ñ"
@@ -306,7 +309,7 @@ def test_ctrl_c_during_a_reply_cancels_it_and_keeps_the_session(wide, monkeypatc
 
 def test_ctrl_c_while_the_reply_is_being_printed(wide, monkeypatch):
     monkeypatch.setattr(generate_module, "generate_ids", Script(wide, " one two three four five six"))
-    session = ChatSession(wide, Sampling(0), max_new_tokens=50)
+    session = ChatSession(wide, GenerationOptions(0, max_new_tokens=50))
     pieces = session.reply("hi")
     next(pieces)
     pieces.close()  # what run_chat does when Ctrl-C lands in its own code
@@ -328,7 +331,7 @@ def test_ctrl_c_while_the_reply_is_being_printed(wide, monkeypatch):
             return super().write(text)
 
     out = Terminal()
-    assert run_chat(wide, Sampling(0), 50, input_fn=feed("hi", "again"), output=out) == 0
+    assert run_chat(wide, GenerationOptions(0, max_new_tokens=50), input_fn=feed("hi", "again"), output=out) == 0
     text = out.getvalue()
     assert "(interrupted)" in text and text.count("\nAssistant:") == 2
     assert text.endswith("Assistant: one two three four five six\n\n")

@@ -258,11 +258,12 @@ class Pty:
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_ctrl_c_in_a_real_terminal_stops_the_reply_and_keeps_the_chat(files, model_args):
     from librarian.chat import STOP_STRINGS, render_prompt
-    from librarian.generate import Generator, Sampling
+    from librarian.generate import GenerationOptions, Generator
 
     # Greedy decoding of this untrained model loops on a few tokens: a reply that does not end by itself.
     message = "Hello there"
-    long_reply = Generator.load(*files).stream(render_prompt([], message), 1000, Sampling(0), stop_strings=STOP_STRINGS)
+    greedy = GenerationOptions(0, max_new_tokens=1000)
+    long_reply = Generator.load(*files).stream(render_prompt([], message), greedy, stop_strings=STOP_STRINGS)
     assert sum(1 for _ in long_reply) > 100, "the test model's greedy reply ends early; pick another message"
     term = Pty(["chat", *model_args, "--temperature", "0", "--max-new-tokens", "1000000"])
     try:

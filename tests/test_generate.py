@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from librarian.errors import LibrarianError
-from librarian.generate import Generator, Sampling, TextStream, filter_logits, generate_ids, window_start
+from librarian.generate import GenerationOptions, Generator, TextStream, filter_logits, generate_ids, window_start
 from librarian.model import GPT, GPTConfig
 
 CTX = 16
@@ -20,11 +22,12 @@ def test_kv_cache_gives_the_same_tokens_as_the_uncached_path(options, new_tokens
     torch.manual_seed(1)
     m = GPT(GPTConfig(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, **options))
     prompt = [3, 1, 4, 1, 5]
-    greedy = Sampling(temperature=0)
-    cached = list(generate_ids(m, prompt, new_tokens, greedy, use_cache=True))
-    uncached = list(generate_ids(m, prompt, new_tokens, greedy, use_cache=False))
+    greedy = GenerationOptions(temperature=0, max_new_tokens=new_tokens)
+    cached = list(generate_ids(m, prompt, greedy))
+    uncached = list(generate_ids(m, prompt, replace(greedy, use_cache=False)))
     assert cached == uncached and len(cached) == new_tokens
-    sampled = [list(generate_ids(m, prompt, new_tokens, Sampling(0.9, 10, 0.9), seed=5, use_cache=c)) for c in (True, False)]
+    sampling = GenerationOptions(0.9, 10, 0.9, max_new_tokens=new_tokens, seed=5)
+    sampled = [list(generate_ids(m, prompt, replace(sampling, use_cache=c))) for c in (True, False)]
     assert sampled[0] == sampled[1]
 
 
@@ -46,20 +49,21 @@ def test_window_jumps_by_half_a_context():
 
 def test_prompt_longer_than_the_context_keeps_its_end(model):
     long_prompt = list(range(1, 40)) * 3
-    greedy = Sampling(temperature=0)
-    assert list(generate_ids(model, long_prompt, 8, greedy)) == list(generate_ids(model, long_prompt[-CTX:], 8, greedy))
+    greedy = GenerationOptions(temperature=0, max_new_tokens=8)
+    assert list(generate_ids(model, long_prompt, greedy)) == list(generate_ids(model, long_prompt[-CTX:], greedy))
 
 
 def test_top_k_one_is_greedy(model):
     prompt = [7, 8, 9]
-    greedy = list(generate_ids(model, prompt, 20, Sampling(temperature=0)))
+    greedy = list(generate_ids(model, prompt, GenerationOptions(temperature=0, max_new_tokens=20)))
     for seed in range(3):
-        assert list(generate_ids(model, prompt, 20, Sampling(temperature=1.3, top_k=1), seed=seed)) == greedy
+        top_one = GenerationOptions(temperature=1.3, top_k=1, max_new_tokens=20, seed=seed)
+        assert list(generate_ids(model, prompt, top_one)) == greedy
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = lambda p: torch.isfinite(filter_logits(logits, Sampling(top_p=p))).tolist()
+    kept = lambda p: torch.isfinite(filter_logits(logits, GenerationOptions(top_p=p))).tolist()
     assert kept(0.5) == [True, False, False, False]
     assert kept(0.51) == [True, True, False, False]
     assert kept(0.8) == [True, True, False, False]
@@ -69,30 +73,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_top_k_and_top_p_compose():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
-    kept = torch.isfinite(filter_logits(logits, Sampling(top_k=2, top_p=0.95))).tolist()
+    kept = torch.isfinite(filter_logits(logits, GenerationOptions(top_k=2, top_p=0.95))).tolist()
     assert kept == [True, True, False, False]  # top-k cut first, then the nucleus of what is left
 
 
 def test_temperature_scales_the_logits():
     logits = torch.tensor([1.0, 2.0, 4.0])
-    torch.testing.assert_close(filter_logits(logits, Sampling(temperature=2.0)), (logits - 4.0) / 2)
-    tiny = filter_logits(logits, Sampling(temperature=1e-40)).softmax(-1)  # no overflow to nan
+    torch.testing.assert_close(filter_logits(logits, GenerationOptions(temperature=2.0)), (logits - 4.0) / 2)
+    tiny = filter_logits(logits, GenerationOptions(temperature=1e-40)).softmax(-1)  # no overflow to nan
     assert tiny.tolist() == [0.0, 0.0, 1.0]
-    hot = filter_logits(logits, Sampling(temperature=5.0)).softmax(-1)
-    cold = filter_logits(logits, Sampling(temperature=0.5)).softmax(-1)
+    hot = filter_logits(logits, GenerationOptions(temperature=5.0)).softmax(-1)
+    cold = filter_logits(logits, GenerationOptions(temperature=0.5)).softmax(-1)
     assert hot.max() < logits.softmax(-1).max() < cold.max()
 
 
 def test_same_seed_same_tokens_other_seed_differs(model):
-    run = lambda seed: list(generate_ids(model, [1, 2, 3], 30, Sampling(temperature=1.0), seed=seed))
+    run = lambda seed: list(generate_ids(model, [1, 2, 3], GenerationOptions(max_new_tokens=30, seed=seed)))
     assert run(11) == run(11)
     assert run(11) != run(12)
 
 
 def test_stops_at_a_stop_id(model):
-    greedy = list(generate_ids(model, [1, 2], 10, Sampling(temperature=0)))
+    options = GenerationOptions(temperature=0, max_new_tokens=10)
+    greedy = list(generate_ids(model, [1, 2], options))
     stop = greedy[3]
-    cut = list(generate_ids(model, [1, 2], 10, Sampling(temperature=0), stop_ids=(stop,)))
+    cut = list(generate_ids(model, [1, 2], options, stop_ids=(stop,)))
     assert cut == greedy[: greedy.index(stop)]
 
 
@@ -100,15 +105,20 @@ def test_stops_at_a_stop_id(model):
                                          (dict(top_p=0.0), r"top-p must be in \(0, 1\]"),
                                          (dict(top_p=1.5), r"top-p must be in \(0, 1\]"),
                                          (dict(top_k=-1), "top-k must be a whole number >= 0"),
-                                         (dict(temperature=float("inf")), "temperature must be >= 0")])
-def test_invalid_sampling_values(bad, message):
+                                         (dict(temperature=float("inf")), "temperature must be >= 0"),
+                                         (dict(top_k=2.5), "top-k must be a whole number >= 0"),
+                                         (dict(max_new_tokens=0), "--max-new-tokens must be >= 1, got 0"),
+                                         (dict(max_new_tokens=1.5), "--max-new-tokens must be >= 1, got 1.5")])
+def test_invalid_generation_options(bad, message):
     with pytest.raises(LibrarianError, match=message):
-        Sampling(**bad)
+        GenerationOptions(**bad)
+    with pytest.raises(LibrarianError, match=message):  # a change is validated too: options never go bad
+        replace(GenerationOptions(), **bad)
 
 
 def test_empty_prompt_is_refused(model):
     with pytest.raises(LibrarianError, match="prompt is empty"):
-        list(generate_ids(model, [], 5))
+        list(generate_ids(model, [], GenerationOptions(max_new_tokens=5)))
 
 
 def test_text_stream_holds_back_split_characters_and_stop_strings():
@@ -131,9 +141,10 @@ def test_generator_streams_text_with_a_real_tokenizer(tmp_path, make_params):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), context_length=32, n_layer=1, n_head=2, d_model=16, d_ff=32))
     gen = Generator(model, tokenizer)
-    pieces = list(gen.stream("Once upon a time", max_new_tokens=40, sampling=Sampling(0.8, 50, 0.95), seed=3))
+    options = GenerationOptions(0.8, 50, 0.95, max_new_tokens=40, seed=3)
+    pieces = list(gen.stream("Once upon a time", options))
     assert len(pieces) > 1  # streamed, not delivered at the end
-    assert "".join(pieces) == gen.complete("Once upon a time", max_new_tokens=40, sampling=Sampling(0.8, 50, 0.95), seed=3)
+    assert "".join(pieces) == gen.complete("Once upon a time", options)
 
 
 # --- threads: --threads, samples.threads and the auto rule ---------------------------------------
@@ -231,3 +242,43 @@ def test_samples_stage_applies_samples_threads(tiny_files, threads_seen, tmp_pat
     samples(["data/model.safetensors", "data/tokenizer.json", "metrics/samples.md"])
     assert threads_seen == [expected] * len(raw_params["samples"]["prompts"])
     assert torch.get_num_threads() == 3  # restored: a library call leaves the process as it found it
+
+
+# --- the options travel whole: one object from the command line to generate_ids -----------------
+
+
+@pytest.fixture
+def options_seen(monkeypatch):
+    """The GenerationOptions every generate_ids call received."""
+    from librarian import generate
+
+    seen, real = [], generate.generate_ids
+
+    def spy(model, prompt, options, *args, **kwargs):
+        seen.append(options)
+        yield from real(model, prompt, options, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_ids", spy)
+    return seen
+
+
+def test_generate_command_passes_every_option_and_a_seed_per_sample(tiny_files, options_seen, capsys):
+    from librarian.cli import main
+
+    main(["generate", "--prompt", "Once", "--temperature", "0.5", "--top-k", "7", "--top-p", "0.9", "--seed", "4",
+          "--max-new-tokens", "3", "--no-cache", "--num-samples", "2", "--model", str(tiny_files[0]),
+          "--tokenizer", str(tiny_files[1])])
+    asked = GenerationOptions(0.5, 7, 0.9, max_new_tokens=3, seed=4, use_cache=False)
+    assert options_seen == [asked, replace(asked, seed=5)]
+
+
+def test_chat_command_keeps_the_other_options_when_one_changes(tiny_files, options_seen, monkeypatch, capsys):
+    import io
+
+    from librarian.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/topk 3\nAgain\n/quit\n"))
+    main(["chat", "--temperature", "0.7", "--seed", "2", "--max-new-tokens", "4", "--no-cache",
+          "--model", str(tiny_files[0]), "--tokenizer", str(tiny_files[1])])
+    asked = GenerationOptions(0.7, 50, 0.95, max_new_tokens=4, seed=2, use_cache=False)
+    assert options_seen == [asked, replace(asked, top_k=3, seed=3)]  # reply i samples with seed + i

@@ -294,13 +294,13 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def test_fuzz_generate_survives_random_prompts(gen):
     """Every prompt gets through encoding and at least one model step: text, or the empty-prompt error."""
-    from librarian.generate import Sampling
+    from librarian.generate import GenerationOptions
 
     start = time.perf_counter()
     empty = 0
     for i, prompt in enumerate(fuzz_strings(seed=1)):
         try:
-            text = gen.complete(prompt, max_new_tokens=1, sampling=Sampling(), seed=i, stop_strings=("User:",))
+            text = gen.complete(prompt, GenerationOptions(max_new_tokens=1, seed=i), stop_strings=("User:",))
         except LibrarianError as exc:
             assert not gen.encode(prompt), f"{prompt!r}: {exc}"
             assert "prompt is empty" in str(exc)
@@ -316,8 +316,9 @@ def test_fuzz_generate_survives_random_prompts(gen):
 def test_fuzz_chat_prompt_building_stays_in_budget(gen):
     """build_prompt on raw (unstripped) input: always a prompt within the budget that ends with the label."""
     from librarian.chat import ChatSession, Turn, strip_controls
+    from librarian.generate import GenerationOptions
 
-    session = ChatSession(gen, max_new_tokens=8, seed=0)
+    session = ChatSession(gen, GenerationOptions(max_new_tokens=8, seed=0))
     rng = random.Random(3)
     strings = fuzz_strings(seed=2)
     for message in strings:
@@ -340,7 +341,7 @@ def test_fuzz_chat_prompt_building_stays_in_budget(gen):
 def test_fuzz_run_chat_survives_random_lines(gen):
     """The whole chat loop, one session, 10,000 random lines: commands, replies and history, no crash."""
     from librarian.chat import run_chat
-    from librarian.generate import Sampling
+    from librarian.generate import GenerationOptions
 
     lines = iter(fuzz_strings(seed=4))
     last = []
@@ -355,7 +356,7 @@ def test_fuzz_run_chat_survives_random_lines(gen):
     output = io.StringIO()
     start = time.perf_counter()
     try:
-        code = run_chat(gen, Sampling(), max_new_tokens=1, seed=0, input_fn=input_fn, output=output)
+        code = run_chat(gen, GenerationOptions(max_new_tokens=1, seed=0), input_fn=input_fn, output=output)
     except Exception as exc:  # noqa: BLE001
         raise AssertionError(f"run_chat crashed on line {last[0]!r}: {exc!r}") from exc
     assert code == 0
