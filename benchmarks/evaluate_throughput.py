@@ -49,9 +49,9 @@ from librarian.sources import read_shard  # noqa: E402
 from librarian.threads import available_cores, resolve_threads, using_threads  # noqa: E402
 from librarian.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
 from librarian.tokens import tokenize_corpus  # noqa: E402
-from librarian.train import Trainer  # noqa: E402
+from librarian.train import TrainPaths, Trainer, build_trainer  # noqa: E402
 
-CORPUS = Path("/work/shared/data/tinystories/train-v2-part-000-cs336-sample5M.txt.gz")
+CORPUS = ROOT.parent / "shared" / "data" / "tinystories" / "train-v2-part-000-cs336-sample5M.txt.gz"
 GOAL_RATIO = 2.0
 
 
@@ -93,7 +93,8 @@ def compare(args, params, work: Path) -> dict:
     cores = available_cores()
     train_threads = params.train.threads or cores  # 0: torch's default, a thread per core
     with using_threads(train_threads):
-        trainer = Trainer(params, tokens_dir, work / "model", work / "state", work / "live", work / "speed")
+        trainer = build_trainer(params, tokens_dir, TrainPaths(model=work / "model", curves=work / "live",
+                                                               speed=work / "speed", state=work / "state"))
     trainer.model.train()
     eval_threads = resolve_threads(params.eval.threads, trainer.model.config.d_model, "eval.threads", batched=True)
     other = 1 if eval_threads != 1 else cores

@@ -59,6 +59,30 @@ def load_tokens(path: str | Path) -> TokenFile:
     return TokenFile(tokens, meta)
 
 
+def check_vocab(split: TokenFile, path: str | Path, vocab_size: int, what: str, fix: str) -> None:
+    """Refuse a split tokenized with another vocabulary than `what`'s: its ids would mean other text."""
+    if split.vocab_size != vocab_size:
+        raise LibrarianError(f"{path} was tokenized with a vocab of {split.vocab_size} but {what} has {vocab_size}; {fix}")
+
+
+def load_train_val(tokens_dir: str | Path) -> tuple[TokenFile, TokenFile]:
+    """The train and val token files, checked to come from one tokenizer.
+
+    The model's vocab comes from train's sidecar: val ids from another vocab would be scored
+    against the wrong embedding rows (or crash the lookup).
+    """
+    tokens_dir = Path(tokens_dir)
+    train, val = load_tokens(tokens_dir / "train.bin"), load_tokens(tokens_dir / "val.bin")
+    retokenize = "they come from different tokenizers; rerun `dvc repro -f tokenize`"
+    check_vocab(val, tokens_dir / "val.bin", train.vocab_size, "train.bin", retokenize)
+    if val.meta.get("tokenizer_sha256") != train.meta.get("tokenizer_sha256"):
+        raise LibrarianError(
+            f"{tokens_dir}/val.bin and train.bin were encoded by different tokenizers (sidecar sha256 "
+            f"differs); rerun `dvc repro -f tokenize`"
+        )
+    return train, val
+
+
 class Windows:
     """Autoregressive windows of context_length + 1 tokens, `stride` apart: input x and target y."""
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from librarian.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 from librarian.config import Params
-from librarian.data import TokenFile, load_tokens
+from librarian.data import TokenFile, check_vocab, load_tokens
 from librarian.errors import LibrarianError
 from librarian.model import GPT
 from librarian.threads import resolve_threads, using_threads
@@ -208,11 +208,7 @@ def round_significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
 
 def check_split(split: TokenFile, path: Path, vocab_size: int) -> None:
     """Refuse token ids the model cannot score: an embedding lookup would fail or mean nothing."""
-    if split.vocab_size != vocab_size:
-        raise LibrarianError(
-            f"{path} was tokenized with a vocab of {split.vocab_size} but the model has {vocab_size}; "
-            "retrain the model on these tokens (`dvc repro train`)"
-        )
+    check_vocab(split, path, vocab_size, "the model", "retrain the model on these tokens (`dvc repro train`)")
     top = int(split.tokens.max())
     if top >= vocab_size:
         raise LibrarianError(

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,18 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from librarian import distributed
 from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params, TrainParams
-from librarian.data import Windows, epoch_order, load_tokens
-from librarian.environment import describe, make_deterministic
+from librarian.data import TokenFile, Windows, epoch_order, load_train_val
+from librarian.environment import describe
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
 from librarian.io import atomic_dir, remove_dir, write_json
 from librarian.model import GPT, GPTConfig
-from librarian.process import deferred_stops
+from librarian.process import deferred_stops, lock_folder
 from librarian.progress import progress_bar
+from librarian.runtime import Runtime, setup_runtime
 
 # Keys that change how a run is carried out but not its result: a state saved under other values
 # of these is still resumable.
@@ -106,19 +106,6 @@ class Progress:
 # --- setup -------------------------------------------------------------------------------------
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[name]:
-        raise LibrarianError(f"train.device is {name}, but this machine has no {name}; use train.device: auto or cpu")
-    return torch.device(name)
-
-
 def build_optimizer(model: GPT, tp: TrainParams) -> torch.optim.AdamW:
     """AdamW; with decay_matrices_only, biases and norm gains are not decayed."""
     if tp.decay_matrices_only:
@@ -141,11 +128,17 @@ def lr_at(step: int, tp: TrainParams, total_steps: int) -> float:
     return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def fingerprint(params: Params, metas: list[dict]) -> str:
-    """What a resumable state must match: every param that shapes the result, and the data."""
+def fingerprint(params: Params, metas: list[dict], init: GPT | None = None) -> str:
+    """What a resumable state must match: every param that shapes the result, the data, and the
+    starting weights when training does not start from scratch."""
     train = {k: v for k, v in params.train.model_dump().items() if k not in _RESUME_NEUTRAL}
     blob = json.dumps([params.seed, params.model.model_dump(), train, metas], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    digest = hashlib.sha256(blob.encode())
+    if init is not None:
+        for name, tensor in sorted(init.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class TrainingLoss(torch.nn.Module):
@@ -175,31 +168,32 @@ def _compiled(fn):
 # --- the run -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where a run writes. Keyword-only, so that no two callers can pass them in different orders."""
+
+    model: Path  # data/model: model.safetensors (best), last.safetensors, train.json
+    curves: Path  # metrics/train: loss and learning-rate curves (a DVC output)
+    speed: Path  # metrics/train_speed: tokens/s and elapsed time (not in dvc.lock)
+    state: Path  # data/train_state: the resumable state; not a DVC output
+
+
 class Trainer:
-    def __init__(self, params: Params, tokens_dir: Path, out_dir: Path, state_dir: Path, live_dir: Path, speed_dir: Path):
-        self.params, self.tp = params, params.train
-        self.out_dir, self.state_dir = Path(out_dir), Path(state_dir)
-        self.live_dir, self.speed_dir = Path(live_dir), Path(speed_dir)
-        self.rank, self.world = _init_distributed()
-        if self.tp.threads:
-            torch.set_num_threads(self.tp.threads)
-        self.device = pick_device(self.tp.device)
-        make_deterministic(self.device, self.tp.deterministic)
-        train, val = load_tokens(Path(tokens_dir) / "train.bin"), load_tokens(Path(tokens_dir) / "val.bin")
-        # The model's vocab comes from train's sidecar: val ids from another vocab would be scored
-        # against the wrong embedding rows (or crash the lookup).
-        if val.vocab_size != train.vocab_size:
-            raise LibrarianError(
-                f"{tokens_dir}/val.bin has a vocab of {val.vocab_size} but train.bin {train.vocab_size}: "
-                "they come from different tokenizers; rerun `dvc repro -f tokenize`"
-            )
-        if val.meta.get("tokenizer_sha256") != train.meta.get("tokenizer_sha256"):
-            raise LibrarianError(
-                f"{tokens_dir}/val.bin and train.bin were encoded by different tokenizers (sidecar sha256 "
-                f"differs); rerun `dvc repro -f tokenize`"
-            )
+    """One training run: the loop, validation, checkpoints and resume, over data it is given.
+
+    Everything is built before: the runtime (process, device, precision), the token files, and
+    optionally the starting weights (fine-tuning); the Trainer builds only what it owns, the
+    model's copy, the optimizer and the loss, from params.
+    """
+
+    def __init__(self, params: Params, runtime: Runtime, train: TokenFile, val: TokenFile, paths: TrainPaths,
+                 init: GPT | None = None):
+        self.params, self.tp, self.runtime, self.paths = params, params.train, runtime, paths
+        self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
+        self.out_dir, self.state_dir, self.live_dir, self.speed_dir = (
+            Path(paths.model), Path(paths.state), Path(paths.curves), Path(paths.speed))
         self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
-        self.fingerprint = fingerprint(params, [train.meta, val.meta])
+        self.fingerprint = fingerprint(params, [train.meta, val.meta], init)
         ctx = params.model.context_length
         self.train_windows = Windows(train.tokens, ctx, self.tp.stride)
         self.val_windows = Windows(val.tokens, ctx, ctx)
@@ -214,19 +208,14 @@ class Trainer:
         self.tokens_per_step = self.tp.batch_size * self.tp.grad_accum * ctx
         torch.manual_seed(params.seed)
         self.model = GPT(GPTConfig.from_params(params.model, vocab_size=train.vocab_size)).to(self.device)
+        if init is not None:
+            self.model.load_state_dict(init.state_dict())
         self.optimizer = build_optimizer(self.model, self.tp)
-        # bf16 autocast on the CPU needs no loss scaling; fp16 on CUDA does.
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.tp.amp and self.device.type == "cuda")
-        self.net = self._wrap(self.model)
+        self.scaler = runtime.grad_scaler()
+        net = TrainingLoss(self.model, fused=self.tp.fused_loss, compile=self.tp.compile)
+        self.net = distributed.wrap(net, self.device, self.world)
         self.progress = Progress()
         self.total_steps = self._planned_steps()
-
-    def _wrap(self, model: GPT) -> torch.nn.Module:
-        net = TrainingLoss(model, fused=self.tp.fused_loss, compile=self.tp.compile)
-        if self.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
-        return net
 
     def _planned_steps(self) -> int:
         steps = self.steps_per_epoch * self.tp.max_epochs
@@ -271,7 +260,7 @@ class Trainer:
             start = first + micro * tp.batch_size + self.rank * share
             x, y = (t.to(self.device) for t in self.train_windows.batch(order[start : start + share]))
             sync = micro == tp.grad_accum - 1 or self.world == 1
-            with self._no_sync(not sync), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=tp.amp):
+            with self._no_sync(not sync), self.runtime.autocast():
                 loss = self.net(x, y)
             self.scaler.scale(loss / tp.grad_accum).backward()
             losses.append(loss.detach())
@@ -281,11 +270,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.stack(losses).mean()
-        if self.world > 1:
-            dist.all_reduce(loss)  # gloo has no AVG
-            loss = loss / self.world
-        return loss.item()
+        return distributed.mean(torch.stack(losses).mean(), self.world).item()
 
     @torch.no_grad()
     def val_loss(self) -> float:
@@ -297,8 +282,7 @@ class Trainer:
             x, y = (t.to(self.device) for t in self.val_windows.batch(np.arange(start, min(start + batch, n))))
             _, loss = self.model(x, y)
             total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(total)
+        distributed.sum_(total, self.world)
         self.model.train()
         return (total[0] / total[1]).item()
 
@@ -408,8 +392,7 @@ class Trainer:
         return self.net.no_sync() if skip_sync and hasattr(self.net, "no_sync") else contextlib.nullcontext()
 
     def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        distributed.barrier(self.world)
 
     def _log(self, message: str) -> None:
         if self.rank == 0:
@@ -464,25 +447,19 @@ class _Curves:
             live.end()
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def train(params: Params, tokens_dir: Path, out_dir: Path, state_dir: Path, live_dir: Path, speed_dir: Path) -> Progress:
-    """Train, holding the state folder: two trainers on one state would overwrite each other's checkpoints.
+def train(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Progress:
+    """Train on tokens_dir's train and val splits, holding the state folder for this run alone:
+    two trainers on one state would overwrite each other's checkpoints.
 
     Under torchrun only rank 0 writes the state, so only it takes the lock.
     """
-    from librarian.process import lock_folder
-
-    held = lock_folder(state_dir, "training run") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    held = lock_folder(paths.state, "training run") if distributed.is_main_process() else contextlib.nullcontext()
     with held:
-        return Trainer(params, tokens_dir, out_dir, state_dir, live_dir, speed_dir).run()
+        return build_trainer(params, tokens_dir, paths).run()
+
+
+def build_trainer(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Trainer:
+    """setup, then data, then the Trainer: what the train stage runs (the benchmarks time the same)."""
+    runtime = setup_runtime(params.train)
+    train_split, val_split = load_train_val(tokens_dir)
+    return Trainer(params, runtime, train_split, val_split, paths)

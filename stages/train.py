@@ -1,7 +1,7 @@
 """Stage train: train the GPT on the train split, validating every epoch; resumes if interrupted."""
 
 from librarian.stage import parse, run_stage
-from librarian.train import train
+from librarian.train import TrainPaths, train
 
 
 @run_stage
@@ -11,7 +11,8 @@ def main(argv=None):
                "speed_dir": "metrics/train_speed: tokens/s and elapsed time (not in dvc.lock: they vary run to run)",
                "state_dir": "resumable training state; not a DVC output, so it survives DVC's clean-up"}
     args, params = parse(__doc__, {"tokens_dir": "data/tokens"}, outputs, argv)
-    progress = train(params, args.tokens_dir, args.out_dir, args.state_dir, args.live_dir, args.speed_dir)
+    paths = TrainPaths(model=args.out_dir, curves=args.live_dir, speed=args.speed_dir, state=args.state_dir)
+    progress = train(params, args.tokens_dir, paths)
     print(f"train: stopped ({progress.stop_reason}) after {progress.epoch} epochs, {progress.global_step} steps, "
           f"{progress.tokens_seen:,} tokens; best val loss {progress.best_val_loss:.4f} at epoch {progress.best_epoch}")
 

@@ -10,7 +10,7 @@ import pytest
 
 from librarian.errors import LibrarianError
 from librarian.plots import check_replaceable, render
-from librarian.train import train
+from librarian.train import TrainPaths, train
 from tests.conftest import ROOT, TINY_MODEL, write_tokens
 from tests.dvc_project import dvc, tool_env
 from tests.test_train import VOCAB, stories
@@ -40,8 +40,8 @@ def project(tmp_path, make_params):
     write_tokens(tokens, "val", stories(30, seed=2), VOCAB)
     params = make_params(**{**TINY_MODEL, "train.max_epochs": 3, "train.log_every": 4, "train.schedule": "cosine",
                             "train.warmup_steps": 10, "train.min_lr": 1e-4})
-    train(params, tokens, tmp_path / "model", tmp_path / "state", project / "metrics" / "train",
-          project / "metrics" / "train_speed")
+    train(params, tokens, TrainPaths(model=tmp_path / "model", curves=project / "metrics" / "train",
+                                     speed=project / "metrics" / "train_speed", state=tmp_path / "state"))
     return project
 
 

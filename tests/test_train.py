@@ -12,7 +12,7 @@ import torch
 from librarian.checkpoint import load_weights
 from librarian.errors import LibrarianError
 from librarian.process import Terminated
-from librarian.train import Trainer, lr_at, train
+from librarian.train import TrainPaths, Trainer, lr_at, train
 from tests.conftest import TINY_MODEL, write_tokens
 
 VOCAB = 64
@@ -46,7 +46,8 @@ def tiny(make_params):
 
 
 def run(params, tokens_dir, root):
-    return train(params, tokens_dir, root / "model", root / "state", root / "live", root / "speed")
+    return train(params, tokens_dir, TrainPaths(model=root / "model", curves=root / "live", speed=root / "speed",
+                                                state=root / "state"))
 
 
 def files_under(folder: Path) -> dict[str, bytes]:
@@ -372,3 +373,23 @@ def test_early_stopping_after_patience_epochs_without_a_better_val_loss():
     capped.end_epoch(3.0, patience=1)
     capped.end_epoch(3.1, patience=1)
     assert capped.stop_reason == "max_steps"  # a cap that ended the run stays its reason
+
+
+def test_a_trainer_starts_from_given_weights_and_resumes_only_its_own_state(tiny, tokens_dir, tmp_path):
+    """Fine-tuning's entry: the same Trainer, built from objects, with initial weights."""
+    from librarian.data import load_train_val
+    from librarian.runtime import setup_runtime
+    from librarian.train import fingerprint
+
+    params = tiny(**{"train.max_steps": 1})
+    run(params, tokens_dir, tmp_path / "first")
+    trained = load_weights(tmp_path / "first" / "model" / "last.safetensors")
+    train_split, val_split = load_train_val(tokens_dir)
+    paths = TrainPaths(model=tmp_path / "m", curves=tmp_path / "c", speed=tmp_path / "s", state=tmp_path / "st")
+    trainer = Trainer(params, setup_runtime(params.train), train_split, val_split, paths, init=trained)
+    for ours, given in zip(trainer.model.state_dict().values(), trained.state_dict().values()):
+        assert torch.equal(ours, given)
+    scratch = Trainer(params, setup_runtime(params.train), train_split, val_split, paths)
+    assert not torch.equal(scratch.model.tok_emb.weight, trained.tok_emb.weight)
+    metas = [train_split.meta, val_split.meta]
+    assert trainer.fingerprint == fingerprint(params, metas, trained) != fingerprint(params, metas)
