@@ -16,32 +16,16 @@ minutes (about 400 s on 2 AMD EPYC cores: the hub client sets no timeout of its 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
+
+from hub_standins import refusing_endpoint, silent_endpoint  # a sibling: its folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "import datasets; datasets.load_dataset('roneneldan/TinyStories')"
-
-
-@contextmanager
-def refusing():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-
-
-@contextmanager
-def silent():
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(64)
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
 def timed(argv: list[str], endpoint: str, home: Path) -> tuple[float, int, int]:
@@ -59,7 +43,7 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "params.yaml").write_text((ROOT / "params.yaml").read_text())
         stage = [sys.executable, "-m", "stages.download", str(tmp / "data" / "raw"), "--params", str(tmp / "params.yaml")]
-        for name, endpoint in (("refusing", refusing), ("silent", silent)):
+        for name, endpoint in (("refusing", refusing_endpoint), ("silent", silent_endpoint)):
             with endpoint() as url:
                 base = timed([sys.executable, "-c", BASELINE], url, tmp / "hf-base")
                 ours = timed(stage, url, tmp / "hf-stage")

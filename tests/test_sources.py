@@ -2,17 +2,16 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.hub_standins import refusing_endpoint, silent_endpoint
 from librarian.errors import LibrarianError
 from librarian.io import read_stories
 from librarian.sources import download, hub_unreachable, read_local, shard_split
@@ -158,24 +157,6 @@ def test_bad_source_gives_one_line_error_and_no_output(tmp_path, kind):
     assert BAD_KINDS[kind] in str(info.value) and "\n" not in str(info.value)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp leftovers
-
-
-@contextmanager
-def silent_endpoint():
-    """A stand-in hub that accepts connections and never answers (a firewall that drops packets)."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(16)
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
-
-
-@contextmanager
-def refusing_endpoint():
-    """A stand-in hub whose port refuses connections (nothing listens there)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
 
 
 def download_stage(tmp_path, endpoint: str) -> tuple[subprocess.CompletedProcess, float]:
