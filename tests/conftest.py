@@ -80,7 +80,59 @@ TINY_MODEL = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 16, "model
               "eval.batch_size": 16, "train.batch_size": 8, "train.lr": 3e-3, "train.amp": False,
               "train.device": "cpu", "train.threads": 1}
 
-# Tiny models run faster on one thread than two; the stages under test set their own.
-import torch  # noqa: E402
 
-torch.set_num_threads(1)
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread than two; the stages under test set their own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- shared builders: token stories for training tests, a tiny model and tokenizer pair ----------
+
+VOCAB = 64  # the vocabulary of stories()
+TINY_CONTEXT = 32  # the context of build_tiny's model
+
+
+def stories(n_stories: int, seed: int):
+    """Learnable token stories: counting runs from a random start, each ended by <|endoftext|> (0)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_stories):
+        start, length = rng.integers(1, VOCAB - 20), rng.integers(8, 20)
+        out.extend(range(start, start + length))
+        out.append(0)
+    return np.array(out)
+
+
+def build_tiny(directory: Path) -> tuple[Path, Path]:
+    """A tiny untrained GPT (context 32) and a real BPE trained on the fixture stories, saved as the pipeline does."""
+    import torch
+
+    from librarian.checkpoint import save_weights
+    from librarian.config import TokenizerParams
+    from librarian.model import GPT, GPTConfig
+    from librarian.tokenizer import save_tokenizer, train_tokenizer
+
+    params = TokenizerParams(vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
+    tokenizer = train_tokenizer(fixture_stories()[:100], params)
+    torch.manual_seed(0)
+    vocab = tokenizer.get_vocab_size()
+    model = GPT(GPTConfig(vocab_size=vocab, context_length=TINY_CONTEXT, n_layer=1, n_head=2, d_model=16, d_ff=32))
+    model_path, tokenizer_path = directory / "model.safetensors", directory / "tokenizer.json"
+    save_weights(model, model_path)
+    save_tokenizer(tokenizer, tokenizer_path)
+    return model_path, tokenizer_path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """build_tiny's (model, tokenizer) files, built once per session: read them, never change them."""
+    return build_tiny(tmp_path_factory.mktemp("tiny"))

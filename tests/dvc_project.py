@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, set_dotted
 
 STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples"]
 # A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
@@ -40,11 +40,7 @@ def set_params(project: Path, **overrides):
     path = project / "params.yaml"
     raw = yaml.safe_load(path.read_text())
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        section = raw
-        for key in parents:
-            section = section[key]
-        section[leaf] = value
+        set_dotted(raw, dotted, value)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 

@@ -1,7 +1,6 @@
 import io
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,27 +17,9 @@ from librarian.chat import (
     strip_controls,
 )
 from librarian.generate import GenerationOptions, Generator
+from tests.conftest import TINY_CONTEXT, build_tiny
 
-CTX = 32
-
-
-def build_tiny(directory: Path) -> tuple[Path, Path]:
-    """A tiny untrained GPT (context 32) and a real BPE trained on the fixture stories, saved as the pipeline does."""
-    from librarian.checkpoint import save_weights
-    from librarian.config import TokenizerParams
-    from librarian.model import GPT, GPTConfig
-    from librarian.tokenizer import save_tokenizer, train_tokenizer
-    from tests.conftest import fixture_stories
-
-    params = TokenizerParams(vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
-    tokenizer = train_tokenizer(fixture_stories()[:100], params)
-    torch.manual_seed(0)
-    vocab = tokenizer.get_vocab_size()
-    model = GPT(GPTConfig(vocab_size=vocab, context_length=CTX, n_layer=1, n_head=2, d_model=16, d_ff=32))
-    model_path, tokenizer_path = directory / "model.safetensors", directory / "tokenizer.json"
-    save_weights(model, model_path)
-    save_tokenizer(tokenizer, tokenizer_path)
-    return model_path, tokenizer_path
+CTX = TINY_CONTEXT
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import yaml
 
 from librarian.cli import build_parser, main
 from tests.conftest import ROOT
-from tests.test_chat import build_tiny
+from tests.conftest import build_tiny
 
 TIMEOUT = 60
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_MODEL, write_tokens
-from tests.test_train import VOCAB, stories
+from tests.conftest import VOCAB, stories
 
 
 def free_port() -> int:

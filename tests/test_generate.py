@@ -186,7 +186,7 @@ def threads_seen(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    from tests.test_chat import build_tiny
+    from tests.conftest import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"))
 

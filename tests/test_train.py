@@ -5,7 +5,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,21 +12,7 @@ from librarian.checkpoint import load_weights
 from librarian.errors import LibrarianError
 from librarian.process import Terminated
 from librarian.train import TrainPaths, Trainer, lr_at, train
-from tests.conftest import TINY_MODEL, write_tokens
-
-VOCAB = 64
-
-
-def stories(n_stories: int, seed: int) -> np.ndarray:
-    """Learnable token stories: counting runs from a random start, each ended by <|endoftext|> (0)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_stories):
-        start, length = rng.integers(1, VOCAB - 20), rng.integers(8, 20)
-        out.extend(range(start, start + length))
-        out.append(0)
-    return np.array(out)
-
+from tests.conftest import TINY_MODEL, VOCAB, stories, write_tokens
 
 @pytest.fixture
 def tokens_dir(tmp_path):
