@@ -29,9 +29,8 @@ from librarian.generate import Generator
 from librarian.io import atomic_dir, ordinary_mode, write_json
 from librarian.model import GPT, GPTConfig
 from librarian.paths import WRITABLE
-from librarian.tokenizer import file_sha256
+from librarian.tokenizer import EOT, PAD, file_sha256
 
-EOT, PAD = REQUIRED_SPECIAL_TOKENS
 INSTALL_HINT = "pip install -e '.[export]'"  # from the project's clone, as the README says
 # Written into every export, last: a folder holding it (and only the files it lists) is one we may replace.
 MARKER = "librarian_export.json"

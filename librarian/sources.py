@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 
 from librarian.errors import LibrarianError
 from librarian.io import atomic_dir, write_json, write_stories
+from librarian.tokenizer import EOT  # the separator of TinyStories-train.txt is the tokenizer's end-of-text
 
 HUB_PREFIX = "hf:"
-EOT = "<|endoftext|>"
 TEXT_FIELDS = ("text", "story")
 TRAIN, VALIDATION = "train", "validation"
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
