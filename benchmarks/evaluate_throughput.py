@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from generate_throughput import at, busy_core, cpu_name, medians  # noqa: E402
+from generate_throughput import at, busy_core, card_config, cpu_name, medians  # noqa: E402
 
 from librarian.config import load_params  # noqa: E402
 from librarian.data import epoch_order, load_tokens  # noqa: E402
 from librarian.evaluate import score_tokens  # noqa: E402
-from librarian.model import GPT, GPTConfig  # noqa: E402
+from librarian.model import GPT  # noqa: E402
 from librarian.sources import read_shard  # noqa: E402
 from librarian.threads import available_cores, resolve_threads, using_threads  # noqa: E402
 from librarian.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
@@ -132,7 +132,7 @@ def sweep_widths(widths: list[int], args) -> list[dict]:
     tokens = np.random.default_rng(0).integers(0, 8000, args.score_tokens // 4).astype(np.uint16)
     for width in widths:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(d_model=width, d_ff=2 * width, n_head=max(4, width // 64)))
+        model = GPT(card_config(d_model=width, d_ff=2 * width, n_head=max(4, width // 64)))
         load: dict = {}
         runs = {n: lambda n=n, model=model: scoring_rate(model, tokens, params.eval, n) for n in (1, cores)}
         rates = medians(runs, args.repeats, load)

@@ -47,6 +47,14 @@ CHAT_PROMPT = "User: Hi! Can you tell me a story about a brave little cat?\nAssi
 BUSY_LOOP = "while True: pass"
 
 
+
+def card_config(vocab_size: int = 8000, **overrides) -> GPTConfig:
+    """The model of params.yaml (the card's) at `vocab_size`, with `overrides`."""
+    from librarian.config import load_params
+
+    model = load_params(ROOT / "params.yaml").model
+    return GPTConfig(**{**model.model_dump(), "vocab_size": vocab_size, **overrides})
+
 def cpu_name() -> str:
     """The CPU's model name as lscpu shows it."""
     try:
@@ -146,7 +154,7 @@ def load(args) -> Generator:
     stories = read_shard(ROOT / "tests" / "fixtures" / "tinystories" / "train-sample.txt.gz")
     tokenizer = train_tokenizer(stories, load_params(ROOT / "params.yaml").tokenizer)
     torch.manual_seed(0)
-    return Generator(GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size())), tokenizer)
+    return Generator(GPT(card_config(vocab_size=tokenizer.get_vocab_size())), tokenizer)
 
 
 def cache_report(generator: Generator, prompt: list[int], repeats: int) -> dict:
@@ -190,7 +198,7 @@ def sweep_widths(widths: list[int], vocab_size: int, prompt: list[int], repeats:
     rows, cores = [], available_cores()
     for width in widths:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=vocab_size, d_model=width, d_ff=2 * width, n_head=max(4, width // 64))).eval()
+        model = GPT(card_config(vocab_size=vocab_size, d_model=width, d_ff=2 * width, n_head=max(4, width // 64))).eval()
         load = {}
         runs = {n: lambda n=n, model=model: at(n, lambda: tokens_per_s(model, prompt, 128)) for n in (1, cores)}
         rates = medians(runs, repeats, load)

@@ -16,7 +16,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from librarian.config import ModelParams
 from librarian.errors import LibrarianError
 from librarian.io import atomic_dir, atomic_path, recover_dir
 from librarian.model import GPT, GPTConfig
@@ -28,6 +27,8 @@ from librarian.model import GPT, GPTConfig
 META_KEY = "librarian"
 # Model files of earlier versions carry the GPTConfig alone, under this key: they still load.
 LEGACY_CONFIG_KEY = "librarian.gpt_config"
+# Model files written before these options existed lack them: they are the options' only value then.
+_BEFORE_OPTIONS = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "attention": "manual"}
 # The output head shares the token embedding's matrix, so it is stored once, under tok_emb.weight.
 TIED = "lm_head.weight"
 
@@ -97,12 +98,8 @@ def read_metadata(path: str | Path) -> dict:
 def read_config(path: str | Path) -> GPTConfig:
     content = read_metadata(path)
     try:
-        config = GPTConfig(**content["gpt_config"])
         # The checks params.yaml gets, so a corrupt or forged config cannot build a broken model.
-        ModelParams.model_validate({k: v for k, v in config.to_dict().items() if k != "vocab_size"}, strict=False)
-        if not (isinstance(config.vocab_size, int) and config.vocab_size > 0):
-            raise ValueError(f"vocab_size {config.vocab_size!r}")
-        return config
+        return GPTConfig.model_validate({**_BEFORE_OPTIONS, **content["gpt_config"]}, strict=False)
     except _NOT_OURS as exc:
         raise _not_ours(Path(path), exc) from None
 

@@ -134,6 +134,23 @@ class ModelParams(Section):
         return self
 
 
+class GPTConfig(ModelParams):
+    """The model's architecture: params.yaml's model section plus the tokenizer's vocabulary size.
+
+    One schema with one set of rules: params.yaml is validated by ModelParams, a model file's
+    config by this subclass. The card's values live in params.yaml only; nothing here repeats them.
+    """
+
+    vocab_size: Annotated[Count, Field(ge=1, le=UINT16_VOCAB_LIMIT)]
+
+    @classmethod
+    def from_params(cls, model: ModelParams, vocab_size: int) -> "GPTConfig":
+        return cls(vocab_size=vocab_size, **model.model_dump())
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+
 class TrainParams(Section):
     lr: Annotated[float, Field(gt=0)]
     batch_size: PositiveInt

@@ -12,33 +12,12 @@ MLP and PyTorch's fused scaled_dot_product_attention.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 8000
-    context_length: int = 128
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 256
-    dropout: float = 0.2
-    position: str = "learned"  # learned | rope
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu
-    attention: str = "manual"  # manual | sdpa
-
-    @classmethod
-    def from_params(cls, model_params, vocab_size: int) -> "GPTConfig":
-        return cls(vocab_size=vocab_size, **model_params.model_dump())
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from librarian.config import GPTConfig
 
 
 def make_norm(config: GPTConfig) -> nn.Module:

@@ -93,6 +93,15 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def gpt_config(**overrides):
+    """The committed params.yaml's model (the card's) at vocab 8000, with `overrides`: a GPTConfig
+    for tests, without repeating the card's values in code."""
+    from librarian.config import GPTConfig
+
+    card = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]
+    return GPTConfig(**{**card, "vocab_size": 8000, **overrides})
+
+
 # --- shared builders: token stories for training tests, a tiny model and tokenizer pair ----------
 
 VOCAB = 64  # the vocabulary of stories()
@@ -118,14 +127,14 @@ def build_tiny(directory: Path) -> tuple[Path, Path]:
 
     from librarian.checkpoint import save_weights
     from librarian.config import TokenizerParams
-    from librarian.model import GPT, GPTConfig
+    from librarian.model import GPT
     from librarian.tokenizer import save_tokenizer, train_tokenizer
 
     params = TokenizerParams(vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
     tokenizer = train_tokenizer(fixture_stories()[:100], params)
     torch.manual_seed(0)
     vocab = tokenizer.get_vocab_size()
-    model = GPT(GPTConfig(vocab_size=vocab, context_length=TINY_CONTEXT, n_layer=1, n_head=2, d_model=16, d_ff=32))
+    model = GPT(gpt_config(vocab_size=vocab, context_length=TINY_CONTEXT, n_layer=1, n_head=2, d_model=16, d_ff=32))
     model_path, tokenizer_path = directory / "model.safetensors", directory / "tokenizer.json"
     save_weights(model, model_path)
     save_tokenizer(tokenizer, tokenizer_path)

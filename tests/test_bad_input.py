@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import FIXTURE_CORPUS, ROOT, TINY_MODEL, fixture_stories, set_dotted, write_tokens
+from tests.conftest import FIXTURE_CORPUS, ROOT, TINY_MODEL, fixture_stories, gpt_config, set_dotted, write_tokens
 
 TIMEOUT = 120
 CTX = TINY_MODEL["model.context_length"]  # 16: the tiny checkpoint's context
@@ -61,7 +61,7 @@ def world(tmp_path_factory) -> World:
     from librarian.checkpoint import save_weights
     from librarian.config import TokenizerParams
     from librarian.io import write_stories
-    from librarian.model import GPT, GPTConfig
+    from librarian.model import GPT
     from librarian.tokenizer import file_sha256, save_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
@@ -74,8 +74,8 @@ def world(tmp_path_factory) -> World:
     arch = {"context_length": CTX, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
     # As the pipeline makes them: the token files and the model record the tokenizer's hash.
     sha = file_sha256(root / "tokenizer.json")
-    save_weights(GPT(GPTConfig(vocab_size=vocab, **arch)), root / "model.safetensors", tokenizer_sha256=sha)
-    save_weights(GPT(GPTConfig(vocab_size=64, **arch)), root / "model64.safetensors")
+    save_weights(GPT(gpt_config(vocab_size=vocab, **arch)), root / "model.safetensors", tokenizer_sha256=sha)
+    save_weights(GPT(gpt_config(vocab_size=64, **arch)), root / "model64.safetensors")
     rng = np.random.default_rng(0)
     for split, n in (("train", 600), ("val", 200), ("test", 200)):
         write_tokens(root / "tokens", split, rng.integers(1, vocab, n), vocab)

@@ -17,7 +17,7 @@ from librarian.chat import (
     strip_controls,
 )
 from librarian.generate import GenerationOptions, Generator
-from tests.conftest import TINY_CONTEXT, build_tiny
+from tests.conftest import TINY_CONTEXT, build_tiny, gpt_config
 
 CTX = TINY_CONTEXT
 
@@ -36,10 +36,10 @@ def gen(files):
 @pytest.fixture(scope="module")
 def wide(gen):
     """The same tokenizer with a context of 128 tokens: room for a few turns of history."""
-    from librarian.model import GPT, GPTConfig
+    from librarian.model import GPT
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=gen.model.config.vocab_size, context_length=128, n_layer=1, n_head=2, d_model=16,
+    config = gpt_config(vocab_size=gen.model.config.vocab_size, context_length=128, n_layer=1, n_head=2, d_model=16,
                        d_ff=32)
     return Generator(GPT(config), gen.tokenizer)
 

@@ -13,11 +13,11 @@ from librarian.checkpoint import save_weights
 from librarian.errors import LibrarianError
 from librarian.evaluate import (add_counts, evaluate_model, metrics_from_counts, score_tokens, scored_batches,
                                 window_plan)
-from librarian.model import GPT, GPTConfig
+from librarian.model import GPT
 from stages.evaluate import main as evaluate_stage
-from tests.conftest import set_dotted, write_tokens
+from tests.conftest import gpt_config, set_dotted, write_tokens
 
-TINY = GPTConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.0)
+TINY = gpt_config(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.0)
 METRIC_KEYS = {"loss", "perplexity", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte", "tokens"}
 
 

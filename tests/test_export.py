@@ -14,9 +14,9 @@ from librarian.checkpoint import save_weights  # noqa: E402
 from librarian.cli import main  # noqa: E402
 from librarian.errors import LibrarianError  # noqa: E402
 from librarian.export import INSTALL_HINT, MARKER, export_hf  # noqa: E402
-from librarian.model import GPT, GPTConfig  # noqa: E402
+from librarian.model import GPT  # noqa: E402
 from librarian.tokenizer import file_sha256, save_tokenizer, train_tokenizer  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, gpt_config  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # conftest sets it too; exporting must never need the hub
 
@@ -36,7 +36,7 @@ TEXTS = [
 
 def small_gpt(vocab_size: int, **options) -> GPT:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, context_length=32, n_layer=2, n_head=4, d_model=32, d_ff=64,
+    model = GPT(gpt_config(vocab_size=vocab_size, context_length=32, n_layer=2, n_head=4, d_model=32, d_ff=64,
                           dropout=0.1, **options))
     # The init sets LayerNorm to (1, 0) and biases to 0, which would hide a mix-up of those tensors.
     with torch.no_grad():

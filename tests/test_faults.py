@@ -148,16 +148,16 @@ def _export_inputs(folder: Path) -> None:
 
     from librarian.checkpoint import save_weights
     from librarian.config import TokenizerParams
-    from librarian.model import GPT, GPTConfig
+    from librarian.model import GPT
     from librarian.tokenizer import file_sha256, save_tokenizer, train_tokenizer
-    from tests.conftest import fixture_stories
+    from tests.conftest import fixture_stories, gpt_config
 
     tok = train_tokenizer(fixture_stories()[:50], TokenizerParams(vocab_size=300, min_frequency=2,
                                                                    special_tokens=["<|endoftext|>", "<pad>"]))
     save_tokenizer(tok, folder / "tokenizer.json")
     for seed, name in ((0, "a.safetensors"), (1, "b.safetensors")):
         torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), context_length=16, n_layer=1, n_head=2, d_model=16,
+        model = GPT(gpt_config(vocab_size=tok.get_vocab_size(), context_length=16, n_layer=1, n_head=2, d_model=16,
                               d_ff=32))
         save_weights(model, folder / name, tokenizer_sha256=file_sha256(folder / "tokenizer.json"))
 

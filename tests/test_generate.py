@@ -5,7 +5,8 @@ import torch
 
 from librarian.errors import LibrarianError
 from librarian.generate import GenerationOptions, Generator, TextStream, filter_logits, generate_ids, window_start
-from librarian.model import GPT, GPTConfig
+from librarian.model import GPT
+from tests.conftest import gpt_config
 
 CTX = 16
 
@@ -13,14 +14,14 @@ CTX = 16
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, dropout=0.1)).eval()
+    return GPT(gpt_config(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, dropout=0.1)).eval()
 
 
 @pytest.mark.parametrize("options", [{}, {"attention": "sdpa"}, {"position": "rope"}])
 @pytest.mark.parametrize("new_tokens", [5, 60])  # within the context, and far past it (sliding window)
 def test_kv_cache_gives_the_same_tokens_as_the_uncached_path(options, new_tokens):
     torch.manual_seed(1)
-    m = GPT(GPTConfig(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, **options))
+    m = GPT(gpt_config(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, **options))
     prompt = [3, 1, 4, 1, 5]
     greedy = GenerationOptions(temperature=0, max_new_tokens=new_tokens)
     cached = list(generate_ids(m, prompt, greedy))
@@ -139,7 +140,7 @@ def test_generator_streams_text_with_a_real_tokenizer(tmp_path, make_params):
 
     tokenizer = train_tokenizer(fixture_stories()[:100], make_params().tokenizer.model_copy(update={"vocab_size": 400}))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), context_length=32, n_layer=1, n_head=2, d_model=16, d_ff=32))
+    model = GPT(gpt_config(vocab_size=tokenizer.get_vocab_size(), context_length=32, n_layer=1, n_head=2, d_model=16, d_ff=32))
     gen = Generator(model, tokenizer)
     options = GenerationOptions(0.8, 50, 0.95, max_new_tokens=40, seed=3)
     pieces = list(gen.stream("Once upon a time", options))
@@ -155,11 +156,11 @@ def test_auto_threads_is_one_for_the_card_model_and_more_for_wide_ones(monkeypat
     from librarian.errors import LibrarianError
 
     # Measured on the 2-core EPYC (benchmarks/generate_throughput.py, evaluate_throughput.py --sweep-widths).
-    assert threads.auto_threads(GPTConfig().d_model) == 1
+    assert threads.auto_threads(gpt_config().d_model) == 1
     monkeypatch.setattr(threads, "available_cores", lambda: 4)
-    assert threads.auto_threads(GPTConfig().d_model) == 1  # decoding: one thread, however many cores
+    assert threads.auto_threads(gpt_config().d_model) == 1  # decoding: one thread, however many cores
     assert threads.auto_threads(2048) == 1 and threads.auto_threads(2049) == 4
-    assert threads.auto_threads(GPTConfig().d_model, batched=True) == 4  # evaluation: whole batches per thread
+    assert threads.auto_threads(gpt_config().d_model, batched=True) == 4  # evaluation: whole batches per thread
     monkeypatch.setattr(threads, "available_cores", lambda: 64)
     assert threads.auto_threads(4096) == threads.MAX_AUTO_THREADS
     assert threads.resolve_threads(3, 128) == 3 and threads.resolve_threads(0, 128) == 1
