@@ -1,6 +1,7 @@
 """Librarian's GPT, written from scratch in PyTorch.
 
-The defaults are Librarian-Base-v0's: pre-LayerNorm blocks, a GELU MLP, learned positions, causal
+Its config is librarian.config.GPTConfig (params.yaml's model section plus the vocabulary). The
+committed params.yaml is Librarian-Base-v0's: pre-LayerNorm blocks, a GELU MLP, learned positions, causal
 self-attention written out by hand with an explicit mask, dropout, and the output head tied to the
 token embedding; 2 layers, 4 heads, width 128, feed-forward 256 and context 128 give exactly
 1,305,600 parameters at vocab 8000.
