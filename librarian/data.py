@@ -14,10 +14,17 @@ from librarian.rng import rng_for
 from librarian.tokens import DTYPE
 
 
+# The target id cross-entropy skips (torch's ignore_index): what a loss mask turns targets into.
+IGNORE = -100
+
+
 @dataclass(frozen=True)
 class TokenFile:
     tokens: np.ndarray  # read-only uint16 memmap
     meta: dict
+    # Which tokens count as training targets (1) and which not (0), aligned with `tokens`; None:
+    # all. Fine-tuning scores only the replies: the requests are context, never targets.
+    loss_mask: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -86,8 +93,10 @@ def load_train_val(tokens_dir: str | Path) -> tuple[TokenFile, TokenFile]:
 class Windows:
     """Autoregressive windows of context_length + 1 tokens, `stride` apart: input x and target y."""
 
-    def __init__(self, tokens: np.ndarray, context_length: int, stride: int):
-        self.tokens, self.context_length, self.stride = tokens, context_length, stride
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int, loss_mask: np.ndarray | None = None):
+        if loss_mask is not None and len(loss_mask) != len(tokens):
+            raise LibrarianError(f"a loss mask of {len(loss_mask)} entries does not match {len(tokens)} tokens")
+        self.tokens, self.context_length, self.stride, self.loss_mask = tokens, context_length, stride, loss_mask
         if len(tokens) < context_length + 1:
             raise LibrarianError(
                 f"a split of {len(tokens)} tokens is shorter than one window of model.context_length + 1 "
@@ -100,9 +109,14 @@ class Windows:
         return self.n
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.tokens[np.asarray(indices)[:, None] * self.stride + self._offsets].astype(np.int64)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+        """Inputs x and targets y (B, context_length); targets the loss mask leaves out are IGNORE."""
+        positions = np.asarray(indices)[:, None] * self.stride + self._offsets
+        rows = torch.from_numpy(self.tokens[positions].astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:]
+        if self.loss_mask is not None:
+            keep = torch.from_numpy(self.loss_mask[positions[:, 1:]].astype(bool))
+            y = y.masked_fill(~keep, IGNORE)
+        return x, y
 
 
 def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:

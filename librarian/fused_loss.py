@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import torch
 
+from librarian.data import IGNORE
 
-def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
+
+def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float, keep: torch.Tensor | None = None):
     """Summed cross-entropy of rows of logits (in fp32), and its gradient times scale, in logits' dtype.
 
-    Works on the logits in place: they are a temporary of the caller's.
+    `keep` (rows,) drops the rows whose target is IGNORE from both (their targets must be valid ids
+    here). Works on the logits in place: they are a temporary of the caller's.
     """
     dtype, logits = logits.dtype, logits.float()
     top = logits.amax(-1, keepdim=True)
     target_logit = logits.gather(1, targets[:, None])
     exp = logits.sub_(top).exp_()
     total = exp.sum(-1, keepdim=True)
-    loss = (total.log() + top - target_logit).sum()
+    row_loss = total.log() + top - target_logit
     grad = exp.mul_(scale / total).scatter_add_(1, targets[:, None], torch.full_like(target_logit, -scale))
-    return loss, grad.to(dtype)
+    if keep is not None:
+        row_loss, grad = row_loss[keep], grad.mul_(keep[:, None])
+    return row_loss.sum(), grad.to(dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -33,19 +38,25 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk: int, compute_dtype: torch.dtype):
-        n = h.size(0)
+        # Targets a loss mask left out (IGNORE) count neither in the mean nor in the gradients.
+        keep = targets != IGNORE
+        masked = not bool(keep.all())
+        n = int(keep.sum()) if masked else h.size(0)
+        if masked:
+            targets = targets.clamp(min=0)
         h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            chunk_loss, g = cross_entropy_grad(h_c[rows] @ w_c.T, targets[rows], 1.0 / n)
+            chunk_loss, g = cross_entropy_grad(h_c[rows] @ w_c.T, targets[rows], 1.0 / max(n, 1),
+                                               keep[rows] if masked else None)
             loss += chunk_loss
             grad_h[rows] = g @ w_c
             grad_w += g.T @ h_c[rows]
         ctx.save_for_backward(grad_h, grad_w)
-        return loss / n
+        return loss / n if n else loss.fill_(float("nan"))  # nothing to score: nan, as F.cross_entropy gives
 
     @staticmethod
     def backward(ctx, grad_loss):

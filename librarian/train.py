@@ -30,7 +30,7 @@ import torch
 from librarian import distributed
 from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params, TrainParams
-from librarian.data import TokenFile, Windows, epoch_order, load_train_val
+from librarian.data import IGNORE, TokenFile, Windows, epoch_order, load_train_val
 from librarian.environment import describe
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
@@ -195,8 +195,8 @@ class Trainer:
         self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
         self.fingerprint = fingerprint(params, [train.meta, val.meta], init)
         ctx = params.model.context_length
-        self.train_windows = Windows(train.tokens, ctx, self.tp.stride)
-        self.val_windows = Windows(val.tokens, ctx, ctx)
+        self.train_windows = Windows(train.tokens, ctx, self.tp.stride, train.loss_mask)
+        self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask)
         if self.tp.batch_size % self.world:
             raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) must be divisible by the {self.world} processes")
         self.steps_per_epoch = len(self.train_windows) // (self.tp.batch_size * self.tp.grad_accum)
@@ -281,7 +281,9 @@ class Trainer:
         for start in range(self.rank * batch, n, batch * self.world):
             x, y = (t.to(self.device) for t in self.val_windows.batch(np.arange(start, min(start + batch, n))))
             _, loss = self.model(x, y)
-            total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
+            scored = y.numel() if self.val_windows.loss_mask is None else int((y != IGNORE).sum())
+            if scored:  # a batch the mask leaves empty has a nan mean and no weight
+                total += torch.tensor([loss.item() * scored, scored], dtype=torch.float64, device=self.device)
         distributed.sum_(total, self.world)
         self.model.train()
         return (total[0] / total[1]).item()
