@@ -35,64 +35,71 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def add_command(commands, name: str, run, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose arguments `run(args)` receives."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="librarian", description="Use a trained Librarian model: generate text, chat, export.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="continue a prompt, streaming the text as it comes",
-                                   description="Print the prompt, then the model's continuation as it is generated.")
+    generate = add_command(commands, "generate", run_generate,
+                           help="continue a prompt, streaming the text as it comes",
+                           description="Print the prompt, then the model's continuation as it is generated.")
     generate.add_argument("--prompt", required=True, help='the text to continue, e.g. "Once upon a time"')
     add_model_options(generate)
     add_sampling_options(generate)
     generate.add_argument("--num-samples", type=int, default=1,
                           help="continuations to print, each from seed + i when --seed is given (default: 1)")
-    generate.set_defaults(run=run_generate)
 
-    chat = commands.add_parser("chat", help="talk with the model in the User:/Assistant: format",
-                               description="An interactive chat; type /help inside it for the commands. "
-                                           "Ctrl-C stops a reply or clears the line, Ctrl-D or /quit leaves.")
+    chat = add_command(commands, "chat", run_chat,
+                       help="talk with the model in the User:/Assistant: format",
+                       description="An interactive chat; type /help inside it for the commands. "
+                                   "Ctrl-C stops a reply or clears the line, Ctrl-D or /quit leaves.")
     add_model_options(chat)
     add_sampling_options(chat)
-    chat.set_defaults(run=run_chat)
 
-    export = commands.add_parser("export", help="write the model as a Hugging Face transformers folder",
-                                 description="Export the model and tokenizer for AutoModelForCausalLM.from_pretrained.")
+    export = add_command(commands, "export", run_export,
+                         help="write the model as a Hugging Face transformers folder",
+                         description="Export the model and tokenizer for AutoModelForCausalLM.from_pretrained.")
     export.add_argument("out", type=Path, metavar="OUT",
                         help="the folder to write: a new or empty one, or an earlier export with --force")
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: a GPT-2 transformers folder (default)")
     export.add_argument("--force", action="store_true",
                         help="replace an earlier Librarian export at OUT (never a folder holding anything else)")
     add_model_options(export)
-    export.set_defaults(run=run_export)
 
-    compare = commands.add_parser("compare", help="compare a run's test metrics with the published reference runs",
-                                  description="Print your metrics/metrics.json beside results/reference.json.")
+    compare = add_command(commands, "compare", run_compare,
+                          help="compare a run's test metrics with the published reference runs",
+                          description="Print your metrics/metrics.json beside results/reference.json.")
     compare.add_argument("--metrics", type=Path, default=Path("metrics/metrics.json"),
                          help="the evaluate stage's output (default: metrics/metrics.json)")
     compare.add_argument("--reference", type=Path, default=Path("results/reference.json"),
                          help="the reference runs (default: results/reference.json)")
-    compare.set_defaults(run=run_compare)
 
-    runs = commands.add_parser("runs", help="the experiments side by side: test metrics, then the params that differ",
-                               description="A compact `dvc exp show`: each experiment's test loss, perplexity, "
-                                           "top-k accuracy and bits/byte, and only the params that differ between them.")
+    runs = add_command(commands, "runs", run_runs,
+                       help="the experiments side by side: test metrics, then the params that differ",
+                       description="A compact `dvc exp show`: each experiment's test loss, perplexity, "
+                                   "top-k accuracy and bits/byte, and only the params that differ between them.")
     runs.add_argument("-A", "--all-commits", action="store_true", help="every commit's experiments, not only HEAD's")
-    runs.set_defaults(run=run_runs)
 
-    plots = commands.add_parser("plots", help="draw the training curves offline: PNG files and one HTML page",
-                                description="Render the plots of `dvc plots show` (or `dvc plots diff REV...`) "
-                                            "without a network: a PNG per plot and an index.html with Vega inlined.")
+    plots = add_command(commands, "plots", run_plots,
+                        help="draw the training curves offline: PNG files and one HTML page",
+                        description="Render the plots of `dvc plots show` (or `dvc plots diff REV...`) "
+                                    "without a network: a PNG per plot and an index.html with Vega inlined.")
     plots.add_argument("revisions", nargs="*", metavar="REV",
                        help="commits or experiments to draw side by side (default: the workspace)")
     plots.add_argument("--out", type=Path, default=Path("dvc_plots/offline"),
                        help="the folder to write (default: dvc_plots/offline; replaced whole on a rerun)")
-    plots.set_defaults(run=run_plots)
 
-    demo = commands.add_parser("demo", help="run the whole pipeline offline in about a minute, then generate and chat",
-                               description="Train a small model on the stories shipped in tests/fixtures/ "
-                                           "(`dvc exp run -n demo` with the settings of demo.yaml), then show it "
-                                           "generating and chatting. Needs no network.")
-    demo.set_defaults(run=run_demo)
+    add_command(commands, "demo", run_demo,
+                help="run the whole pipeline offline in about a minute, then generate and chat",
+                description="Train a small model on the stories shipped in tests/fixtures/ "
+                            "(`dvc exp run -n demo` with the settings of demo.yaml), then show it "
+                            "generating and chatting. Needs no network.")
     return parser
 
 

@@ -77,52 +77,43 @@ def test_relative_source_resolves_against_root(tmp_path):
     assert (tmp_path / "raw" / "train.parquet").exists()
 
 
+_SEVERAL_BAD_LINES = ['{"text": "ok"}', '{"text": null}', '{"text": null}', '{"text": "ok"}', "{broken", "[1]",
+                      '{"story": 5}'] + ['{"text": null}'] * 20
+# kind -> (file name, its content: text, bytes, or a parquet table)
+_BAD_FILES = {
+    "empty file": ("empty.txt", ""),
+    "binary garbage": ("garbage.txt", os.urandom(4096) + b"\x00"),
+    "invalid utf-8": ("latin1.txt", "Once upon a time, caf\u00e9.".encode("latin-1")),
+    "bad gzip": ("cut.txt.gz", gzip.compress(as_txt(STORIES * 50).encode())[:-20]),
+    "wrong parquet schema": ("s.parquet", pa.table({"body": ["a"]})),
+    "non-text parquet column": ("s.parquet", pa.table({"text": [1, 2]})),
+    "not parquet": ("s.parquet", "hello"),
+    "bad jsonl line": ("s.jsonl", '{"text": "ok"}\n{"text": broken\n'),
+    "jsonl without text": ("s.jsonl", '{"title": "x"}\n'),
+    "jsonl null text": ("s.jsonl", '{"text": null}\n{"text": "ok"}\n'),
+    "several bad jsonl lines": ("s.jsonl", "\n".join(_SEVERAL_BAD_LINES) + "\n"),
+    "unsupported suffix": ("s.csv", "text\nhello\n"),
+}
+
+
 def bad_source(tmp_path, kind):
-    p = tmp_path / "src"
     if kind == "missing":
         return tmp_path / "nowhere.txt"
-    if kind == "empty file":
-        p = tmp_path / "empty.txt"
-        p.write_text("")
-    elif kind == "binary garbage":
-        p = tmp_path / "garbage.txt"
-        p.write_bytes(os.urandom(4096) + b"\x00")
-    elif kind == "invalid utf-8":
-        p = tmp_path / "latin1.txt"
-        p.write_bytes("Once upon a time, caf\u00e9.".encode("latin-1"))
-    elif kind == "bad gzip":
-        p = tmp_path / "cut.txt.gz"
-        p.write_bytes(gzip.compress(as_txt(STORIES * 50).encode())[:-20])
-    elif kind == "wrong parquet schema":
-        p = tmp_path / "s.parquet"
-        pq.write_table(pa.table({"body": ["a"]}), p)
-    elif kind == "non-text parquet column":
-        p = tmp_path / "s.parquet"
-        pq.write_table(pa.table({"text": [1, 2]}), p)
-    elif kind == "not parquet":
-        p = tmp_path / "s.parquet"
-        p.write_text("hello")
-    elif kind == "bad jsonl line":
-        p = tmp_path / "s.jsonl"
-        p.write_text('{"text": "ok"}\n{"text": broken\n')
-    elif kind == "jsonl without text":
-        p = tmp_path / "s.jsonl"
-        p.write_text('{"title": "x"}\n')
-    elif kind == "jsonl null text":
-        p = tmp_path / "s.jsonl"
-        p.write_text('{"text": null}\n{"text": "ok"}\n')
-    elif kind == "several bad jsonl lines":
-        p = tmp_path / "s.jsonl"
-        lines = ['{"text": "ok"}', '{"text": null}', '{"text": null}', '{"text": "ok"}', "{broken", "[1]", '{"story": 5}']
-        p.write_text("\n".join(lines + ['{"text": null}'] * 20) + "\n")
-    elif kind == "unsupported suffix":
-        p = tmp_path / "s.csv"
-        p.write_text("text\nhello\n")
-    elif kind == "folder without shards":
-        p.mkdir()
+    if kind in _BAD_FILES:
+        name, content = _BAD_FILES[kind]
+        p = tmp_path / name
+        if isinstance(content, pa.Table):
+            pq.write_table(content, p)
+        elif isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content)
+        return p
+    p = tmp_path / "src"
+    p.mkdir()
+    if kind == "folder without shards":
         (p / "readme.md").write_text("nothing here")
     elif kind == "only validation":
-        p.mkdir()
         (p / "validation.txt").write_text(as_txt(["V"]))
     return p
 
