@@ -121,24 +121,41 @@ def stories(n_stories: int, seed: int):
     return np.array(out)
 
 
-def build_tiny(directory: Path) -> tuple[Path, Path]:
-    """A tiny untrained GPT (context 32) and a real BPE trained on the fixture stories, saved as the pipeline does."""
-    import torch
-
-    from librarian.checkpoint import save_weights
+def tiny_tokenizer(path: Path, stories: int = 100):
+    """A real byte-level BPE (vocab 400) trained on the first fixture stories, saved at `path`."""
     from librarian.config import TokenizerParams
-    from librarian.model import GPT
     from librarian.tokenizer import save_tokenizer, train_tokenizer
 
     params = TokenizerParams(vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
-    tokenizer = train_tokenizer(fixture_stories()[:100], params)
-    torch.manual_seed(0)
-    vocab = tokenizer.get_vocab_size()
-    model = GPT(gpt_config(vocab_size=vocab, context_length=TINY_CONTEXT, n_layer=1, n_head=2, d_model=16, d_ff=32))
-    model_path, tokenizer_path = directory / "model.safetensors", directory / "tokenizer.json"
-    save_weights(model, model_path)
-    save_tokenizer(tokenizer, tokenizer_path)
-    return model_path, tokenizer_path
+    tokenizer = train_tokenizer(fixture_stories()[:stories], params)
+    save_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+def tiny_model(path: Path, vocab_size: int, context_length: int = TINY_CONTEXT, seed: int = 0,
+               tokenizer_sha256: str | None = None) -> Path:
+    """A tiny untrained GPT (1 layer, width 16), seeded, saved at `path` as the pipeline saves models."""
+    import torch
+
+    from librarian.checkpoint import save_weights
+    from librarian.model import GPT
+
+    torch.manual_seed(seed)
+    config = gpt_config(vocab_size=vocab_size, context_length=context_length, n_layer=1, n_head=2, d_model=16, d_ff=32)
+    save_weights(GPT(config), path, tokenizer_sha256=tokenizer_sha256)
+    return path
+
+
+def build_tiny(directory: Path, context_length: int = TINY_CONTEXT,
+               record_tokenizer: bool = False) -> tuple[Path, Path]:
+    """A tiny untrained GPT and a real BPE trained on the fixture stories, saved as the pipeline does;
+    with `record_tokenizer`, the model records the tokenizer's hash, as a trained model does."""
+    from librarian.tokenizer import file_sha256
+
+    tokenizer_path = directory / "tokenizer.json"
+    vocab = tiny_tokenizer(tokenizer_path).get_vocab_size()
+    sha = file_sha256(tokenizer_path) if record_tokenizer else None
+    return tiny_model(directory / "model.safetensors", vocab, context_length, tokenizer_sha256=sha), tokenizer_path
 
 
 @pytest.fixture(scope="session")

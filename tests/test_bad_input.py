@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import FIXTURE_CORPUS, ROOT, TINY_MODEL, fixture_stories, gpt_config, set_dotted, write_tokens
+from tests.conftest import (FIXTURE_CORPUS, ROOT, TINY_MODEL, build_tiny, fixture_stories, set_dotted, tiny_model,
+                            write_tokens)
 
 TIMEOUT = 120
 CTX = TINY_MODEL["model.context_length"]  # 16: the tiny checkpoint's context
@@ -56,26 +57,15 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    import torch
-
-    from librarian.checkpoint import save_weights
-    from librarian.config import TokenizerParams
     from librarian.io import write_stories
-    from librarian.model import GPT
-    from librarian.tokenizer import file_sha256, save_tokenizer, train_tokenizer
+    from librarian.tokenizer import file_sha256, load_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     stories = fixture_stories()
-    tok = train_tokenizer(stories[:100], TokenizerParams(vocab_size=400, min_frequency=2,
-                                                          special_tokens=["<|endoftext|>", "<pad>"]))
-    save_tokenizer(tok, root / "tokenizer.json")
-    vocab = tok.get_vocab_size()
-    torch.manual_seed(0)
-    arch = {"context_length": CTX, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
     # As the pipeline makes them: the token files and the model record the tokenizer's hash.
-    sha = file_sha256(root / "tokenizer.json")
-    save_weights(GPT(gpt_config(vocab_size=vocab, **arch)), root / "model.safetensors", tokenizer_sha256=sha)
-    save_weights(GPT(gpt_config(vocab_size=64, **arch)), root / "model64.safetensors")
+    model, tokenizer = build_tiny(root, context_length=CTX, record_tokenizer=True)
+    vocab, sha = load_tokenizer(tokenizer).get_vocab_size(), file_sha256(tokenizer)
+    tiny_model(root / "model64.safetensors", 64, CTX, seed=1)
     rng = np.random.default_rng(0)
     for split, n in (("train", 600), ("val", 200), ("test", 200)):
         write_tokens(root / "tokens", split, rng.integers(1, vocab, n), vocab)

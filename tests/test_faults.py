@@ -144,22 +144,13 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 def _export_inputs(folder: Path) -> None:
     """A tiny model and its tokenizer, and a second model (other weights) to export over the first."""
-    import torch
+    from librarian.tokenizer import file_sha256
+    from tests.conftest import tiny_model, tiny_tokenizer
 
-    from librarian.checkpoint import save_weights
-    from librarian.config import TokenizerParams
-    from librarian.model import GPT
-    from librarian.tokenizer import file_sha256, save_tokenizer, train_tokenizer
-    from tests.conftest import fixture_stories, gpt_config
-
-    tok = train_tokenizer(fixture_stories()[:50], TokenizerParams(vocab_size=300, min_frequency=2,
-                                                                   special_tokens=["<|endoftext|>", "<pad>"]))
-    save_tokenizer(tok, folder / "tokenizer.json")
+    vocab = tiny_tokenizer(folder / "tokenizer.json").get_vocab_size()
     for seed, name in ((0, "a.safetensors"), (1, "b.safetensors")):
-        torch.manual_seed(seed)
-        model = GPT(gpt_config(vocab_size=tok.get_vocab_size(), context_length=16, n_layer=1, n_head=2, d_model=16,
-                              d_ff=32))
-        save_weights(model, folder / name, tokenizer_sha256=file_sha256(folder / "tokenizer.json"))
+        tiny_model(folder / name, vocab, context_length=16, seed=seed,
+                   tokenizer_sha256=file_sha256(folder / "tokenizer.json"))
 
 
 def test_export_killed_at_random_points_keeps_one_whole_export_and_the_users_folder(tmp_path):
