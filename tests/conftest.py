@@ -102,6 +102,12 @@ def gpt_config(**overrides):
     return GPTConfig(**{**card, "vocab_size": 8000, **overrides})
 
 
+def tiny_config(**overrides):
+    """The tests' tiny GPT (1 layer, 2 heads, width 16, feed-forward 32, vocab 64, context 32), with overrides."""
+    return gpt_config(**{"vocab_size": VOCAB, "context_length": TINY_CONTEXT, "n_layer": 1, "n_head": 2, "d_model": 16,
+                         "d_ff": 32, **overrides})
+
+
 # --- shared builders: token stories for training tests, a tiny model and tokenizer pair ----------
 
 VOCAB = 64  # the vocabulary of stories()
@@ -141,7 +147,7 @@ def tiny_model(path: Path, vocab_size: int, context_length: int = TINY_CONTEXT, 
     from librarian.model import GPT
 
     torch.manual_seed(seed)
-    config = gpt_config(vocab_size=vocab_size, context_length=context_length, n_layer=1, n_head=2, d_model=16, d_ff=32)
+    config = tiny_config(vocab_size=vocab_size, context_length=context_length)
     save_weights(GPT(config), path, tokenizer_sha256=tokenizer_sha256)
     return path
 

@@ -17,7 +17,7 @@ from librarian.chat import (
     strip_controls,
 )
 from librarian.generate import GenerationOptions, Generator
-from tests.conftest import TINY_CONTEXT, build_tiny, gpt_config
+from tests.conftest import TINY_CONTEXT, build_tiny, tiny_config
 
 CTX = TINY_CONTEXT
 
@@ -39,8 +39,7 @@ def wide(gen):
     from librarian.model import GPT
 
     torch.manual_seed(0)
-    config = gpt_config(vocab_size=gen.model.config.vocab_size, context_length=128, n_layer=1, n_head=2, d_model=16,
-                       d_ff=32)
+    config = tiny_config(vocab_size=gen.model.config.vocab_size, context_length=128)
     return Generator(GPT(config), gen.tokenizer)
 
 

@@ -15,9 +15,9 @@ from librarian.evaluate import (add_counts, evaluate_model, metrics_from_counts,
                                 window_plan)
 from librarian.model import GPT
 from stages.evaluate import main as evaluate_stage
-from tests.conftest import gpt_config, set_dotted, write_tokens
+from tests.conftest import set_dotted, tiny_config, write_tokens
 
-TINY = gpt_config(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.0)
+TINY = tiny_config(context_length=16, dropout=0.0)
 METRIC_KEYS = {"loss", "perplexity", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte", "tokens"}
 
 

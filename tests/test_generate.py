@@ -6,7 +6,7 @@ import torch
 from librarian.errors import LibrarianError
 from librarian.generate import GenerationOptions, Generator, TextStream, filter_logits, generate_ids, window_start
 from librarian.model import GPT
-from tests.conftest import gpt_config
+from tests.conftest import gpt_config, tiny_config
 
 CTX = 16
 
@@ -14,14 +14,14 @@ CTX = 16
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(gpt_config(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, dropout=0.1)).eval()
+    return GPT(tiny_config(vocab_size=40, context_length=CTX, n_layer=2, dropout=0.1)).eval()
 
 
 @pytest.mark.parametrize("options", [{}, {"attention": "sdpa"}, {"position": "rope"}])
 @pytest.mark.parametrize("new_tokens", [5, 60])  # within the context, and far past it (sliding window)
 def test_kv_cache_gives_the_same_tokens_as_the_uncached_path(options, new_tokens):
     torch.manual_seed(1)
-    m = GPT(gpt_config(vocab_size=40, context_length=CTX, n_layer=2, n_head=2, d_model=16, d_ff=32, **options))
+    m = GPT(tiny_config(vocab_size=40, context_length=CTX, n_layer=2, **options))
     prompt = [3, 1, 4, 1, 5]
     greedy = GenerationOptions(temperature=0, max_new_tokens=new_tokens)
     cached = list(generate_ids(m, prompt, greedy))
@@ -140,7 +140,7 @@ def test_generator_streams_text_with_a_real_tokenizer(tmp_path, make_params):
 
     tokenizer = train_tokenizer(fixture_stories()[:100], make_params().tokenizer.model_copy(update={"vocab_size": 400}))
     torch.manual_seed(0)
-    model = GPT(gpt_config(vocab_size=tokenizer.get_vocab_size(), context_length=32, n_layer=1, n_head=2, d_model=16, d_ff=32))
+    model = GPT(tiny_config(vocab_size=tokenizer.get_vocab_size(), context_length=32))
     gen = Generator(model, tokenizer)
     options = GenerationOptions(0.8, 50, 0.95, max_new_tokens=40, seed=3)
     pieces = list(gen.stream("Once upon a time", options))

@@ -27,7 +27,7 @@ from librarian.checkpoint import (
 )
 from librarian.errors import LibrarianError
 from librarian.model import GPT, GPTConfig
-from tests.conftest import gpt_config
+from tests.conftest import tiny_config as shared_tiny_config
 
 
 # --- malicious and broken data files ---------------------------------------------------------
@@ -57,7 +57,7 @@ def assert_one_line(exc: pytest.ExceptionInfo, *words: str) -> str:
 
 
 def tiny_config(**changes) -> GPTConfig:
-    return gpt_config(**{**dict(vocab_size=40, context_length=16, n_layer=1, n_head=2, d_model=16, d_ff=32), **changes})
+    return shared_tiny_config(**{"vocab_size": 40, "context_length": 16, **changes})
 
 
 def test_the_payload_is_real(tmp_path):
