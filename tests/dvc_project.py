@@ -22,6 +22,11 @@ def tool_env() -> dict:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+def code_env() -> dict:
+    """tool_env() running this checkout's code from any folder (a test's tmp_path outside the project)."""
+    return {**tool_env(), "PYTHONPATH": str(ROOT)}
+
+
 def run(cmd, cwd, **kw):
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=600, **kw)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"

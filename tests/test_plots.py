@@ -11,11 +11,10 @@ import pytest
 from librarian.errors import LibrarianError
 from librarian.plots import check_replaceable, render
 from librarian.train import TrainPaths, train
-from tests.conftest import ROOT, TINY_MODEL, write_tokens
-from tests.dvc_project import dvc, tool_env
-from tests.conftest import VOCAB, stories
+from tests.conftest import ROOT, TINY_MODEL, VOCAB, stories, write_tokens
+from tests.dvc_project import code_env, dvc
 
-CODE_ENV = {**tool_env(), "PYTHONPATH": str(ROOT)}  # this checkout's code, run from another folder
+CODE_ENV = code_env()
 CURVES = ["loss", "train_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s", "elapsed_s"]
 
 

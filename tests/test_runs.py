@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 from librarian.runs import runs_table
-from tests.conftest import ROOT
-from tests.dvc_project import tool_env
+from tests.dvc_project import code_env
 
-CODE_ENV = {**tool_env(), "PYTHONPATH": str(ROOT)}  # this checkout's code, run from another folder
+CODE_ENV = code_env()
 PROMPTS = ["Once upon a time", "User: hi\nAssistant:"]
 
 
