@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from librarian.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 from librarian.config import Params
 from librarian.data import TokenFile, check_vocab, load_tokens
 from librarian.errors import LibrarianError
 from librarian.model import GPT
+from librarian.progress import progress_bar
 from librarian.threads import resolve_threads, using_threads
 
 TOP_K = (1, 5, 10)
@@ -109,10 +109,11 @@ def score_tokens(
     try:
         with using_threads(1):
             total = math.ceil(n_windows / batch_size)
-            for batch in tqdm(in_order(score, batches, threads), total=total, unit="batch", desc=desc,
-                              disable=desc is None):
-                for key, value in batch.items():
-                    counts[key] += value
+            with progress_bar(total, desc=desc or "", unit="batch", disable=desc is None) as bar:
+                for batch in in_order(score, batches, threads):
+                    for key, value in batch.items():
+                        counts[key] += value
+                    bar.update(1)
     finally:
         model.train(was_training)
     return counts

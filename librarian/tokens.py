@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from librarian.config import UINT16_VOCAB_LIMIT
 from librarian.errors import LibrarianError
 from librarian.io import atomic_dir, write_json
+from librarian.progress import progress_bar
 from librarian.tokenizer import EOT, file_sha256, load_tokenizer
 
 DTYPE = np.uint16
@@ -48,7 +48,7 @@ def encode_split(parquet: Path, out_bin: Path, tokenizer: Tokenizer, chunk_stori
     """Stream `parquet`'s stories into `out_bin`; return token, story and byte counts."""
     source = pq.ParquetFile(parquet)
     counts = {"tokens": 0, "stories": 0, "utf8_bytes": 0}
-    with out_bin.open("wb") as f, tqdm(total=source.metadata.num_rows, unit="story", desc=desc) as bar:
+    with out_bin.open("wb") as f, progress_bar(source.metadata.num_rows, desc=desc, unit="story") as bar:
         for batch in source.iter_batches(batch_size=chunk_stories, columns=["text"]):
             ids = encode_chunk(tokenizer, batch.column(0).to_pylist())
             ids.tofile(f)
