@@ -1,0 +1,348 @@
+"""The chat_data stage: conversations built from the clean stories, every reply a real story.
+
+Each story of a split answers exactly one request, of a kind dealt by the seed with the shares of
+params.chat_data.mix:
+
+- words: "Write a story that uses the words ball, jump and happy.": one noun, one verb and one
+  adjective drawn from the story (librarian/words.py), as TinyStories' own prompts asked;
+- character: "Tell me a story about Tom." (or "... about a cat named Tom." when the story says so);
+- opening: "Continue this story: <its first sentence>", answered by the rest of the story;
+- plain: "Tell me a story."
+
+Each kind gets its share of the split's stories (rounded), drawn at random among the stories that
+can carry it: not without a name, without a noun, a verb and an adjective to ask for, or without a
+second sentence (see assign_kinds). Only when too few stories can carry a kind do the realised
+counts fall short of the mix; metrics/chat_data.json holds them. A kind with a share that gets no
+story in some split (a tiny share of a small split) is an error: fine-tuning and evaluation expect it.
+
+A share params.chat_data.multi_turn of the conversations has two turns: first another story of the
+same split with its own request, then this story's. Splits are built from their own stories only,
+each with its own seeded stream, so no story crosses into another split's conversations.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from librarian import words
+from librarian.config import REQUEST_KINDS, ChatDataParams, Params
+from librarian.errors import LibrarianError
+from librarian.io import ROW_GROUP_STORIES, atomic_dir, write_json
+from librarian.rng import rng_for
+
+SPLITS = ("train", "val", "test")
+
+# Every phrasing of every kind, in one place. A template is used only when the story gives all its
+# fields ({kind}: the story says "a cat named Tom"); the first of each kind is the issue's own.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "words": (
+        "Write a story that uses the words {words}.",
+        "Tell me a story with the words {words} in it.",
+        "Can you write a story using the words {words}?",
+    ),
+    "character": (
+        "Tell me a story about {name}.",
+        "Tell me a story about {a} {kind} named {name}.",
+        "Write a story about {name}.",
+        "Can you tell me a story about {a} {kind} called {name}?",
+    ),
+    "opening": (
+        "Continue this story: {opening}",
+        "Finish this story: {opening}",
+        "Here is the start of a story: {opening} Please go on.",
+    ),
+    "plain": (
+        "Tell me a story.",
+        "Can you tell me a story?",
+        "Please write a short story for me.",
+        "I would like to hear a story.",
+    ),
+}
+
+# The table's columns, in this order and with these types: the same inputs give the same bytes.
+SCHEMA = pa.schema([
+    ("conversation", pa.int64()),
+    ("turn", pa.int64()),
+    ("kind", pa.string()),
+    ("request", pa.string()),
+    ("reply", pa.string()),
+    ("words", pa.list_(pa.string())),
+    ("character", pa.string()),
+    ("story", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request and the reply that truly answers it."""
+
+    kind: str
+    request: str
+    reply: str
+    words: list[str] = field(default_factory=list)  # words requests: in the order the request names them
+    character: str = ""  # character requests: the name
+
+
+def _fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _phrase(kind: str, rng: np.random.Generator, /, **values: str) -> str:
+    """One of the kind's templates whose fields are all given, drawn by `rng`, filled in."""
+    usable = [t for t in TEMPLATES[kind] if _fields(t) <= values.keys()]
+    return usable[rng.integers(len(usable))].format(**values)
+
+
+# --- what a story offers each kind ---------------------------------------------------------------
+
+# "a cat named Tom", "A little girl named Lily", "the old man named Joe": the noun right before
+# "named" is what the character is.
+_NAMED = re.compile(r"\b(?:[Aa]n?|[Tt]he)\s+(?:[a-z]+,?\s+){0,3}?([a-z]+)\s+named\s+([A-Z][a-z]+)\b")
+# Capitalised mid-sentence, yet roles rather than names: "said Mom" is not a story about someone named Mom.
+TITLES = frozenset({"Mom", "Mommy", "Mum", "Mummy", "Mama", "Dad", "Daddy", "Papa", "Grandma", "Grandpa",
+                    "Granny", "Mr", "Mrs", "Ms", "Miss", "Sir", "God"})
+# A name seen once is a passing mention ("at Ben's house"), not whom the story is about.
+MIN_NAME_COUNT = 2
+
+
+def _count(story: str, name: str) -> int:
+    return len(re.findall(rf"\b{re.escape(name)}\b", story))
+
+
+def main_character(story: str) -> tuple[str, str] | None:
+    """(name, what the character is, or "") of the story's main character, or None if it has none.
+
+    "named X" is the strongest evidence: the story introduces X. Without it, a name is a capitalised
+    word seen mid-sentence ("said Tom", "Lily and Tom"), never written in lowercase in the story, not
+    a role such as Mom, and seen at least twice. Of several, the most frequent is the main character
+    (the earliest on a tie).
+    """
+    named: dict[str, str] = {}
+    for match in _NAMED.finditer(story):
+        kind, name = match.groups()
+        if name not in TITLES and words.can_be_noun(kind):
+            named.setdefault(name, kind)
+    if named:
+        candidates = list(named)
+    else:
+        lowercase = {token for token in words.tokens(story) if token.islower()}
+        candidates = [name for name in dict.fromkeys(words.capitalised_mid_sentence(story))
+                      if name not in TITLES and name.lower() not in lowercase and _count(story, name) >= MIN_NAME_COUNT]
+    if not candidates:
+        return None
+    name = max(candidates, key=lambda n: (_count(story, n), -story.find(n)))
+    return name, named.get(name, "")
+
+
+# The first sentence: on the first line, ending in . ! ? (with a closing quote, if any) where the next
+# sentence starts with a capital or a quote, and not at a title's dot ("Mr. Brown").
+_FIRST_SENTENCE = re.compile(
+    r"""([^\n]*?(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)[.!?]+["']?)\s+(?=["'A-Z])(.+)""", re.DOTALL)
+
+
+def split_opening(story: str) -> tuple[str, str] | None:
+    """(first sentence, rest of the story), or None for a story of one sentence."""
+    match = _FIRST_SENTENCE.match(story)
+    if not match:
+        return None
+    opening, rest = match.group(1).strip(), match.group(2).strip()
+    return (opening, rest) if opening and rest else None
+
+
+def story_words(story: str) -> dict[str, list[str]] | None:
+    """The story's nouns, verbs and adjectives to ask for, or None if it lacks one of the three."""
+    found = words.content_words(story)
+    return found if all(found[part] for part in words.PARTS_OF_SPEECH) else None
+
+
+def offers(story: str) -> dict[str, object]:
+    """What the story gives each kind of request to ask for; None where it cannot carry that kind."""
+    return {"words": story_words(story), "character": main_character(story), "opening": split_opening(story),
+            "plain": story}
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+def article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def words_request(story: str, found: dict[str, list[str]], rng: np.random.Generator) -> Request:
+    """One noun, one verb and one adjective of the story, named in random order."""
+    chosen = [found[part][rng.integers(len(found[part]))] for part in words.PARTS_OF_SPEECH]
+    ordered = [chosen[i] for i in rng.permutation(len(chosen))]
+    listed = f"{', '.join(ordered[:-1])} and {ordered[-1]}"
+    return Request("words", _phrase("words", rng, words=listed), story, words=ordered)
+
+
+def character_request(story: str, character: tuple[str, str], rng: np.random.Generator) -> Request:
+    name, kind = character
+    values = {"name": name, "kind": kind, "a": article(kind)} if kind else {"name": name}
+    return Request("character", _phrase("character", rng, **values), story, character=name)
+
+
+def opening_request(story: str, parts: tuple[str, str], rng: np.random.Generator) -> Request:
+    opening, rest = parts
+    return Request("opening", _phrase("opening", rng, opening=opening), rest)
+
+
+def plain_request(story: str, _: object, rng: np.random.Generator) -> Request:
+    return Request("plain", _phrase("plain", rng), story)
+
+
+BUILDERS = {"words": words_request, "character": character_request, "opening": opening_request,
+            "plain": plain_request}
+assert tuple(BUILDERS) == REQUEST_KINDS == tuple(TEMPLATES)
+
+
+# --- kinds --------------------------------------------------------------------------------------
+
+
+def kind_quotas(stories: int, shares: np.ndarray) -> np.ndarray:
+    """How many stories each kind gets: stories x share, rounded so the counts add up (largest remainders first)."""
+    exact = stories * shares
+    quotas = np.floor(exact).astype(int)
+    short = stories - quotas.sum()
+    quotas[np.argsort(-(exact - quotas), kind="stable")[:short]] += 1
+    return quotas
+
+
+def assign_kinds(can: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each story's kind (an index into REQUEST_KINDS), given which kinds each story can carry (can[story, kind]).
+
+    Dealt by quota rather than drawn one story at a time: the mix holds exactly, and a small split
+    (the fixture's 18 test stories) gets its one or two openings for sure, not with some luck. The
+    kind fewest stories can carry relative to its quota chooses first, at random among its carriers:
+    a third of TinyStories' stories name no character, so the character quota must not find those
+    already taken. Stories left over (a kind with fewer carriers than its quota) draw among the kinds
+    they can carry, by share, and get plain if none has a share: every story answers "Tell me a story."
+    """
+    kinds = np.full(len(can), -1)
+    quotas = kind_quotas(len(can), shares)
+    wanted = [k for k in range(len(shares)) if quotas[k] > 0]
+    for k in sorted(wanted, key=lambda k: can[:, k].sum() / quotas[k]):
+        free = np.flatnonzero((kinds < 0) & can[:, k])
+        kinds[rng.permutation(free)[:quotas[k]]] = k
+    for story in np.flatnonzero(kinds < 0):
+        weights = can[story] * shares
+        total = weights.sum()
+        kinds[story] = rng.choice(len(shares), p=weights / total) if total > 0 else REQUEST_KINDS.index("plain")
+    return kinds
+
+
+# --- conversations ------------------------------------------------------------------------------
+
+
+def two_turn_count(stories: int, multi_turn: float) -> int:
+    """m such that m of the (stories - m) conversations, a share multi_turn, have two turns."""
+    return min(round(stories * multi_turn / (1 + multi_turn)), stories // 2)
+
+
+def conversation_plan(stories: int, multi_turn: float, rng: np.random.Generator) -> pd.DataFrame:
+    """Which story is which turn of which conversation: columns story, conversation, turn.
+
+    Random pairs of stories make the two-turn conversations; conversations are numbered in the order
+    of their last story, so the table follows the split's order.
+    """
+    m = two_turn_count(stories, multi_turn)
+    order = rng.permutation(stories)
+    last = np.concatenate([order[m:2 * m], order[2 * m:]])  # each conversation's own story
+    first = np.concatenate([order[:m], np.full(stories - 2 * m, -1)])  # its first turn's, or -1
+    numbering = np.argsort(last, kind="stable")
+    last, first = last[numbering], first[numbering]
+    ids = np.arange(len(last))
+    two = first >= 0
+    plan = pd.DataFrame({
+        "story": np.concatenate([first[two], last]),
+        "conversation": np.concatenate([ids[two], ids]),
+        "turn": np.concatenate([np.zeros(two.sum(), dtype=np.int64), two.astype(np.int64)]),
+    })
+    return plan.sort_values(["conversation", "turn"], ignore_index=True)
+
+
+def build_split(stories: list[str], params: ChatDataParams, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+    """The split's conversations, one row per turn, sorted by (conversation, turn), and how many
+    stories could carry each kind."""
+    offered = [offers(story) for story in stories]
+    can = np.array([[offer[kind] is not None for kind in REQUEST_KINDS] for offer in offered],
+                   dtype=bool).reshape(-1, len(REQUEST_KINDS))  # (0, 4) for an empty split, not (0,)
+    shares = np.array([getattr(params.mix, kind) for kind in REQUEST_KINDS])
+    kinds = [REQUEST_KINDS[k] for k in assign_kinds(can, shares, rng)]
+    requests = pd.DataFrame([asdict(BUILDERS[kind](story, offer[kind], rng))
+                             for story, offer, kind in zip(stories, offered, kinds, strict=True)],
+                            columns=["kind", "request", "reply", "words", "character"])
+    plan = conversation_plan(len(stories), params.multi_turn, rng)
+    table = plan.join(requests, on="story")
+    return table[SCHEMA.names], dict(zip(REQUEST_KINDS, can.sum(axis=0).tolist(), strict=True))
+
+
+def split_counts(table: pd.DataFrame) -> dict[str, int]:
+    turns = table.groupby("conversation").size()
+    kinds = table["kind"].value_counts()
+    return {"conversations": len(turns), "turns": len(table), "multi_turn": int((turns == 2).sum()),
+            **{kind: int(kinds.get(kind, 0)) for kind in REQUEST_KINDS}}
+
+
+def check_kinds(split: str, counts: dict[str, int], carriers: dict[str, int], params: ChatDataParams) -> None:
+    """A kind asked for (share > 0) must occur in every split: fine-tuning and evaluation both expect it."""
+    for kind in REQUEST_KINDS:
+        share = getattr(params.mix, kind)
+        if share > 0 and counts[kind] == 0:
+            why = (f"{carriers[kind]} of its {counts['turns']} stories can carry one" if carriers[kind] == 0
+                   else f"{share:g} of its {counts['turns']} stories rounds to none")
+            more = "data.fraction" if split == "train" else f"data.fraction, data.{split}_fraction"
+            raise LibrarianError(
+                f"the {split} split has no {kind} conversation although chat_data.mix.{kind} is {share:g}: {why}; "
+                f"use more data ({more}) or set chat_data.mix.{kind} to 0"
+            )
+
+
+def read_clean_split(clean_dir: Path, split: str) -> list[str]:
+    """The split's story texts, checked: a chat reply must be a story."""
+    path = clean_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise LibrarianError(f"{path} not found; run `dvc repro clean` first")
+    try:
+        stories = pd.read_parquet(path, columns=["text"])["text"]
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        raise LibrarianError(f"{path} is not a readable clean split with a 'text' column ({type(exc).__name__}); "
+                             "rerun `dvc repro -f clean`") from None
+    empty = stories.isna() | (stories.str.strip() == "")
+    if empty.any():
+        raise LibrarianError(f"{path}: story {int(empty.to_numpy().nonzero()[0][0])} is empty "
+                             f"({int(empty.sum())} in all); rerun `dvc repro -f clean`, which drops empty stories")
+    return stories.tolist()
+
+
+def to_arrow(table: pd.DataFrame) -> pa.Table:
+    # No pandas metadata (it records the library's version) and no index column: only the data.
+    return pa.Table.from_pandas(table, schema=SCHEMA, preserve_index=False).replace_schema_metadata(None)
+
+
+def build_chat_data(clean_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, params: Params) -> dict:
+    """Write out_dir/{train,val,test}.parquet and the per-split counts to metrics_path.
+
+    Every split is built and checked before anything is written: a failure leaves no output.
+    """
+    clean_dir = Path(clean_dir)
+    tables, metrics = {}, {}
+    for split in SPLITS:
+        stories = read_clean_split(clean_dir, split)
+        tables[split], carriers = build_split(stories, params.chat_data, rng_for(params.seed, f"chat_data/{split}"))
+        metrics[split] = split_counts(tables[split])
+        check_kinds(split, metrics[split], carriers, params.chat_data)
+    with atomic_dir(out_dir) as tmp:
+        for split, table in tables.items():
+            pq.write_table(to_arrow(table), tmp / f"{split}.parquet", compression="zstd",
+                           row_group_size=ROW_GROUP_STORIES)
+    write_json(metrics_path, metrics)
+    return metrics
