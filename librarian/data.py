@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from librarian.errors import LibrarianError
 from librarian.rng import rng_for
@@ -25,6 +26,8 @@ class TokenFile:
     # Which tokens count as training targets (1) and which not (0), aligned with `tokens`; None:
     # all. Fine-tuning scores only the replies: the requests are context, never targets.
     loss_mask: np.ndarray | None = None
+    # Where the windows lie; None: every `stride` tokens, scoring all their targets (pretraining).
+    plan: "WindowPlan | None" = None
 
     @property
     def vocab_size(self) -> int:
@@ -90,33 +93,83 @@ def load_train_val(tokens_dir: str | Path) -> tuple[TokenFile, TokenFile]:
     return train, val
 
 
-class Windows:
-    """Autoregressive windows of context_length + 1 tokens, `stride` apart: input x and target y."""
+@dataclass(frozen=True)
+class WindowPlan:
+    """Windows placed one by one (fine-tuning: librarian/chat_tokens.py), each scoring a range of targets.
 
-    def __init__(self, tokens: np.ndarray, context_length: int, stride: int, loss_mask: np.ndarray | None = None):
+    Window i reads tokens starts[i] .. starts[i] + context_length and scores only the targets at
+    positions score_from[i] <= p < score_to[i] (and the loss mask's): windows may overlap, a target
+    is scored by one window only.
+    """
+
+    starts: np.ndarray
+    score_from: np.ndarray
+    score_to: np.ndarray
+
+
+class Windows:
+    """Autoregressive windows of context_length + 1 tokens: input x and target y.
+
+    Every `stride` tokens by default; at the starts of a WindowPlan when one is given.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int, loss_mask: np.ndarray | None = None,
+                 plan: WindowPlan | None = None):
         if loss_mask is not None and len(loss_mask) != len(tokens):
             raise LibrarianError(f"a loss mask of {len(loss_mask)} entries does not match {len(tokens)} tokens")
         self.tokens, self.context_length, self.stride, self.loss_mask = tokens, context_length, stride, loss_mask
+        self.plan = plan
         if len(tokens) < context_length + 1:
             raise LibrarianError(
                 f"a split of {len(tokens)} tokens is shorter than one window of model.context_length + 1 "
                 f"({context_length + 1}); use more data or a shorter context"
             )
-        self.n = (len(tokens) - context_length - 1) // stride + 1
+        if plan is None:
+            self.n = (len(tokens) - context_length - 1) // stride + 1
+        else:
+            self.n = len(plan.starts)
+            if self.n and plan.starts.max() + context_length >= len(tokens):
+                raise LibrarianError(f"a window plan reaches past the {len(tokens)} tokens it was made for; rebuild it "
+                                     f"for context {context_length}")
         self._offsets = np.arange(context_length + 1)
 
     def __len__(self) -> int:
         return self.n
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs x and targets y (B, context_length); targets the loss mask leaves out are IGNORE."""
-        positions = np.asarray(indices)[:, None] * self.stride + self._offsets
+        """Inputs x and targets y (B, context_length); targets a window does not score are IGNORE."""
+        indices = np.asarray(indices)
+        starts = indices * self.stride if self.plan is None else self.plan.starts[indices]
+        positions = starts[:, None] + self._offsets
         rows = torch.from_numpy(self.tokens[positions].astype(np.int64))
         x, y = rows[:, :-1], rows[:, 1:]
+        keep = None
         if self.loss_mask is not None:
-            keep = torch.from_numpy(self.loss_mask[positions[:, 1:]].astype(bool))
-            y = y.masked_fill(~keep, IGNORE)
+            keep = self.loss_mask[positions[:, 1:]].astype(bool)
+        if self.plan is not None:
+            targets = positions[:, 1:]
+            in_range = (targets >= self.plan.score_from[indices, None]) & (targets < self.plan.score_to[indices, None])
+            keep = in_range if keep is None else keep & in_range
+        if keep is not None:
+            y = y.masked_fill(~torch.from_numpy(keep), IGNORE)
         return x, y
+
+
+def window_nats(model, windows: Windows, batch_size: int, first: int = 0, step: int = 1,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """float64 [summed nats, scored targets] of the model over windows first, first + step, ... in batches.
+
+    The model in float32 and eval mode is the caller's to set. `first`/`step` split the windows
+    between the processes of a distributed run.
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    n = len(windows)
+    for start in range(first * batch_size, n, batch_size * step):
+        x, y = (t.to(device) for t in windows.batch(np.arange(start, min(start + batch_size, n))))
+        logits, _ = model(x)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+        total += torch.stack([nats.double(), (y != IGNORE).sum().double()])
+    return total
 
 
 def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:

@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from librarian import distributed
 from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params, TrainParams
-from librarian.data import IGNORE, TokenFile, Windows, epoch_order, load_train_val
+from librarian.data import TokenFile, Windows, epoch_order, load_train_val, window_nats
 from librarian.environment import describe
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
@@ -187,16 +188,17 @@ class Trainer:
     """
 
     def __init__(self, params: Params, runtime: Runtime, train: TokenFile, val: TokenFile, paths: TrainPaths,
-                 init: GPT | None = None):
+                 init: GPT | None = None, name: str = "train"):
         self.params, self.tp, self.runtime, self.paths = params, params.train, runtime, paths
+        self.name = name  # the stage, as its log lines say
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
         self.out_dir, self.state_dir, self.live_dir, self.speed_dir = (
             Path(paths.model), Path(paths.state), Path(paths.curves), Path(paths.speed))
         self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
         self.fingerprint = fingerprint(params, [train.meta, val.meta], init)
         ctx = params.model.context_length
-        self.train_windows = Windows(train.tokens, ctx, self.tp.stride, train.loss_mask)
-        self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask)
+        self.train_windows = Windows(train.tokens, ctx, self.tp.stride, train.loss_mask, train.plan)
+        self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask, val.plan)
         if self.tp.batch_size % self.world:
             raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) must be divisible by the {self.world} processes")
         self.steps_per_epoch = len(self.train_windows) // (self.tp.batch_size * self.tp.grad_accum)
@@ -231,11 +233,11 @@ class Trainer:
         state = TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device)
         why_not = state.load(self.state_dir)
         if why_not == "other run":
-            self._log("train: saved training state is for other params or data; starting afresh")
+            self._log("saved training state is for other params or data; starting afresh")
         if why_not:
             return False
         self.progress = p = state.progress
-        self._log(f"train: resuming at epoch {p.epoch + 1}, step {p.step_in_epoch}/{self.steps_per_epoch} ({p.global_step} steps done)")
+        self._log(f"resuming at epoch {p.epoch + 1}, step {p.step_in_epoch}/{self.steps_per_epoch} ({p.global_step} steps done)")
         return True
 
     def checkpoint(self) -> None:
@@ -274,16 +276,10 @@ class Trainer:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        """Mean cross-entropy over the non-overlapping validation windows, in float32."""
+        """Mean cross-entropy over the validation windows' scored targets, in float32."""
         self.model.eval()
-        n, batch = len(self.val_windows), self.params.eval.batch_size
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(self.rank * batch, n, batch * self.world):
-            x, y = (t.to(self.device) for t in self.val_windows.batch(np.arange(start, min(start + batch, n))))
-            _, loss = self.model(x, y)
-            scored = y.numel() if self.val_windows.loss_mask is None else int((y != IGNORE).sum())
-            if scored:  # a batch the mask leaves empty has a nan mean and no weight
-                total += torch.tensor([loss.item() * scored, scored], dtype=torch.float64, device=self.device)
+        total = window_nats(self.model, self.val_windows, self.params.eval.batch_size, self.rank, self.world,
+                            self.device)
         distributed.sum_(total, self.world)
         self.model.train()
         return (total[0] / total[1]).item()
@@ -332,7 +328,7 @@ class Trainer:
                 if stop and not p.stop_reason:
                     p.elapsed_s += time.perf_counter() - started
                     self.checkpoint()
-                    self._log(f"train: stopped at step {p.global_step}; the training state is saved: rerun to "
+                    self._log(f"stopped at step {p.global_step}; the training state is saved: rerun to "
                               "resume from this step")
                     stop.raise_now()
                 if tp.checkpoint_every and p.global_step % tp.checkpoint_every == 0 and not p.stop_reason:
@@ -370,7 +366,7 @@ class Trainer:
             save_weights(self.model, self.state_dir / TrainState.BEST, self.tokenizer_sha256)
         if live:
             live.log_epoch(record)
-        self._log(f"train: epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val:.4f}"
+        self._log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val:.4f}"
                   f"{' (best)' if p.best_epoch == record['epoch'] else ''}, {tokens_per_s:,.0f} tokens/s")
         self.checkpoint()
 
@@ -398,7 +394,7 @@ class Trainer:
 
     def _log(self, message: str) -> None:
         if self.rank == 0:
-            print(message, flush=True)
+            print(f"{self.name}: {message}", flush=True)
 
 
 class _Curves:
@@ -450,14 +446,19 @@ class _Curves:
 
 
 def train(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Progress:
-    """Train on tokens_dir's train and val splits, holding the state folder for this run alone:
-    two trainers on one state would overwrite each other's checkpoints.
+    """Train on tokens_dir's train and val splits."""
+    return run_locked(paths, lambda: build_trainer(params, tokens_dir, paths))
+
+
+def run_locked(paths: TrainPaths, build: Callable[[], Trainer]) -> Progress:
+    """Build a Trainer and run it, holding the state folder for this run alone: two trainers on
+    one state would overwrite each other's checkpoints. The train and finetune stages both run so.
 
     Under torchrun only rank 0 writes the state, so only it takes the lock.
     """
     held = lock_folder(paths.state, "training run") if distributed.is_main_process() else contextlib.nullcontext()
     with held:
-        return build_trainer(params, tokens_dir, paths).run()
+        return build().run()
 
 
 def build_trainer(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Trainer:

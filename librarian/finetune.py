@@ -1,0 +1,72 @@
+"""The finetune stage: supervised chat fine-tuning of the trained model on the chat_data conversations.
+
+It is the train stage's Trainer, unchanged (one loop, one checkpoint and resume mechanism, the
+same curves), given other data and other starting weights:
+
+- the data: the conversations rendered in the chat format, with the loss on the assistant's tokens
+  only and windows that keep each request in view (librarian/chat_tokens.py);
+- the weights: data/model/model.safetensors, whose architecture (and context) the run keeps;
+  only the dropout is the finetune section's;
+- the schedule: the `finetune` section's keys replace the same keys of `train`; everything else of
+  `train` (precision, device, threads, compile, fused loss, betas, accumulation) applies as it is.
+
+The chat val loss, on the val conversations' reply tokens, picks the best checkpoint and stops early.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from librarian.chat_tokens import chat_token_file, read_chat
+from librarian.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
+from librarian.config import ModelParams, Params, TrainParams
+from librarian.errors import LibrarianError
+from librarian.model import GPT, GPTConfig
+from librarian.runtime import setup_runtime
+from librarian.tokenizer import file_sha256, load_tokenizer
+from librarian.train import Progress, Trainer, TrainPaths, run_locked
+
+# The finetune keys that replace train's; `stride` and `dropout` are the finetune run's own.
+TRAIN_KEYS = ("lr", "schedule", "warmup_steps", "min_lr", "max_epochs", "max_steps", "max_tokens", "batch_size",
+              "patience", "weight_decay", "grad_clip")
+
+
+def finetune_params(params: Params, base: GPTConfig) -> Params:
+    """The params the Trainer runs with: train's, with finetune's keys, and the base model's architecture."""
+    ft = params.finetune
+    train = TrainParams.model_validate({**params.train.model_dump(), **{k: getattr(ft, k) for k in TRAIN_KEYS}})
+    model = ModelParams.model_validate({**base.model_dump(exclude={"vocab_size"}), "dropout": ft.dropout})
+    return params.model_copy(update={"train": train, "model": model})
+
+
+def load_base(model_path: str | Path, tokenizer_path: str | Path) -> tuple[GPT, object, str]:
+    """The base model and its tokenizer, checked to belong together."""
+    model_path = Path(model_path)
+    if not model_path.exists():
+        raise LibrarianError(f"base model {model_path} not found; fine-tuning starts from the trained model: run "
+                             "`dvc repro train` first")
+    base = load_weights(model_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    sha = file_sha256(tokenizer_path)
+    check_same_tokenizer(model_path, read_tokenizer_sha256(model_path), sha, f"tokenizer {tokenizer_path}")
+    if tokenizer.get_vocab_size() != base.config.vocab_size:
+        raise LibrarianError(f"tokenizer {tokenizer_path} has {tokenizer.get_vocab_size()} tokens but {model_path} "
+                             f"expects {base.config.vocab_size}; use the tokenizer the model was trained with")
+    return base, tokenizer, sha
+
+
+def build_finetuner(params: Params, base_path: str | Path, chat_dir: str | Path, tokenizer_path: str | Path,
+                    paths: TrainPaths) -> Trainer:
+    base, tokenizer, sha = load_base(base_path, tokenizer_path)
+    run_params = finetune_params(params, base.config)
+    runtime = setup_runtime(run_params.train)
+    ctx = base.config.context_length
+    train_split, val_split = (chat_token_file(read_chat(chat_dir, split), tokenizer, ctx, params.finetune.stride, sha)
+                              for split in ("train", "val"))
+    return Trainer(run_params, runtime, train_split, val_split, paths, init=base, name="finetune")
+
+
+def finetune(params: Params, base_path: str | Path, chat_dir: str | Path, tokenizer_path: str | Path,
+             paths: TrainPaths) -> Progress:
+    """Fine-tune the base model on the chat conversations; resumes like train."""
+    return run_locked(paths, lambda: build_finetuner(params, base_path, chat_dir, tokenizer_path, paths))
