@@ -1,0 +1,220 @@
+"""The evaluate_chat stage: does fine-tuning make the model answer requests, and at what cost to its stories?
+
+Both models, the base one and the fine-tuned one, get the same measurements on the chat test
+conversations (data/chat/test.parquet), so `dvc metrics diff` lines them up key by key:
+
+- reply_loss / reply_perplexity: cross-entropy over the assistant's tokens only (each reply and
+  its end marker), the requests being context (librarian/chat_tokens.py);
+- words_recall: over the first evaluate_chat.requests `words` requests, the share of requested
+  words the sampled reply mentions in any inflection ("jumped" for "jump", librarian/words.py);
+  words_all: the share of those replies that mention all of them;
+- character_recall: over the first evaluate_chat.requests `character` requests, the share of
+  replies that name the character;
+- story_loss / story_perplexity: the evaluate stage's test metrics on data/tokens/test.bin, so
+  what fine-tuning costs the story model shows as the difference (story_perplexity_change).
+
+Replies are sampled as `librarian chat` answers: the conversation's earlier turns are the history,
+and a reply ends at <|endoftext|> or at the next `User:`. Request i of the test table (its row)
+samples with seed evaluate_chat.seed + i, with both models, whatever the thread that answers it
+and whatever was answered before: a reply depends on its request and the model alone. Requests
+are answered evaluate_chat.threads at a time, each on one torch thread, as evaluate scores batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from librarian.chat import ChatSession, Turn
+from librarian.chat_tokens import chat_token_file, read_chat, reply_nats
+from librarian.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
+from librarian.config import Params
+from librarian.errors import LibrarianError
+from librarian.evaluate import evaluate_split, in_order, round_significant
+from librarian.generate import GenerationOptions, Generator
+from librarian.progress import progress_bar
+from librarian.threads import resolve_threads, using_threads
+from librarian.words import mentions
+
+MODELS = ("base", "finetuned")
+REDO_CHAT_DATA = "rerun `dvc repro chat_data`"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of the test table to answer, with what its reply is checked for."""
+
+    row: int  # its row in the test table: it samples with seed + row
+    kind: str
+    message: str
+    history: tuple[Turn, ...]  # the conversation's earlier turns, with their reference replies
+    words: tuple[str, ...]  # words requests: the words asked for
+    character: str  # character requests: the name asked for
+
+
+# --- the test conversations ----------------------------------------------------------------------
+
+
+def read_test_requests(chat_dir: str | Path) -> pd.DataFrame:
+    """The chat test split, checked to hold what the requests are scored against as well."""
+    table = read_chat(chat_dir, "test")
+    missing = [name for name in ("words", "character") if name not in table.columns]
+    if missing:
+        raise LibrarianError(f"{Path(chat_dir) / 'test.parquet'} lacks the column(s) {', '.join(missing)}; "
+                             f"{REDO_CHAT_DATA}")
+    return table.reset_index(drop=True)
+
+
+def select_requests(table: pd.DataFrame, kind: str, n: int) -> list[Request]:
+    """The first n requests of `kind` in table order (all of them if fewer), each with its history."""
+    rows = [int(i) for i in (table["kind"] == kind).to_numpy().nonzero()[0][:n]]
+    turns = [Turn(str(request), str(reply)) for request, reply in zip(table["request"], table["reply"], strict=True)]
+    requests = []
+    for row in rows:
+        conversation, turn = table["conversation"].iat[row], int(table["turn"].iat[row])
+        # Rows are sorted by (conversation, turn), so the earlier turns are the `turn` rows just above.
+        earlier = range(row - turn, row)
+        if turn < 0 or row - turn < 0 or any(table["conversation"].iat[i] != conversation for i in earlier):
+            raise LibrarianError(f"row {row} of the chat test table is turn {turn} of conversation {conversation}, "
+                                 f"but its earlier turns are not the rows above it; {REDO_CHAT_DATA}")
+        request = Request(row, kind, turns[row].user, tuple(turns[i] for i in earlier),
+                          tuple(str(w) for w in table["words"].iat[row]), str(table["character"].iat[row]))
+        if kind == "words" and not request.words or kind == "character" and not request.character:
+            raise LibrarianError(f"row {row} of the chat test table is a {kind} request without its {kind}; "
+                                 f"{REDO_CHAT_DATA}")
+        requests.append(request)
+    return requests
+
+
+def check_requests(requests: list[Request], kind: str, params: Params) -> None:
+    """Refuse a test split without requests of `kind`: its recall would be 0/0."""
+    if requests:
+        return
+    share = getattr(params.chat_data.mix, kind)
+    fix = (f"give chat_data.mix.{kind} a share above 0" if share == 0 else
+           f"the test split is too small for a share of {share:g}: raise data.test_fraction or chat_data.mix.{kind}")
+    raise LibrarianError(f"the chat test split has no {kind} requests, so {kind} recall cannot be measured; "
+                         f"{fix} and {REDO_CHAT_DATA}")
+
+
+# --- sampling replies ------------------------------------------------------------------------------
+
+
+def answer(generator: Generator, options: GenerationOptions, request: Request) -> str:
+    """The reply `librarian chat` gives to the request after its conversation's earlier turns."""
+    # A fresh session per request: its first reply samples with the seed given, so no reply
+    # depends on the replies sampled before it (ChatSession adds the replies so far to the seed).
+    session = ChatSession(generator, replace(options, seed=options.seed + request.row))
+    session.history = list(request.history)
+    return "".join(session.reply(request.message))
+
+
+def answer_all(generator: Generator, options: GenerationOptions, requests: list[Request], threads: int,
+               desc: str) -> list[str]:
+    """The replies to `requests`, in their order, answered `threads` at a time."""
+    replies = []
+    with using_threads(1), progress_bar(len(requests), desc=desc, unit="request") as bar:
+        for reply in in_order(functools.partial(answer, generator, options), iter(requests), threads):
+            replies.append(reply)
+            bar.update(1)
+    return replies
+
+
+# --- scoring replies -------------------------------------------------------------------------------
+
+
+def names(text: str, name: str) -> bool:
+    """Whether `text` names `name` as a whole word: "Tom" or "Tom's", not "Tommy" or "tom".
+
+    Case-sensitive on purpose: the names chat_data asks for are capitalised, and many are common
+    words too (Lily, Rose, Max, Joy, Sunny), which a story may use in lower case without naming anyone.
+    """
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+
+def words_scores(requests: list[Request], replies: list[str]) -> dict:
+    """words_recall (share of requested words mentioned), words_all (share of replies with all of them)."""
+    asked = mentioned = complete = 0
+    for request, reply in zip(requests, replies, strict=True):
+        hits = sum(mentions(reply, word) for word in request.words)
+        asked, mentioned = asked + len(request.words), mentioned + hits
+        complete += hits == len(request.words)
+    return {"words_recall": round_significant(mentioned / asked),
+            "words_all": round_significant(complete / len(requests)), "words_requests": len(requests)}
+
+
+def character_scores(requests: list[Request], replies: list[str]) -> dict:
+    """character_recall: the share of replies that name the character asked for."""
+    named = sum(names(reply, request.character) for request, reply in zip(requests, replies, strict=True))
+    return {"character_recall": round_significant(named / len(requests)), "character_requests": len(requests)}
+
+
+def reply_metrics(generator: Generator, table: pd.DataFrame, params: Params) -> dict:
+    """Cross-entropy of the model over the reference replies of the test conversations."""
+    model = generator.model
+    tokens = chat_token_file(table, generator.tokenizer, model.config.context_length, params.eval.stride)
+    nats, count = reply_nats(model, tokens, params.eval.batch_size)
+    if count == 0:
+        raise LibrarianError(f"the chat test split has no reply tokens to score; {REDO_CHAT_DATA}")
+    loss = nats / count
+    return {"reply_loss": round_significant(loss), "reply_perplexity": round_significant(math.exp(loss)),
+            "reply_tokens": count}
+
+
+def story_metrics(generator: Generator, model_path: Path, tokens_dir: Path, params: Params) -> dict:
+    """The evaluate stage's test loss and perplexity on the story token file."""
+    metrics = evaluate_split(generator.model, tokens_dir / "test.bin", params, "cpu", model_path,
+                             read_tokenizer_sha256(model_path))
+    return {"story_loss": metrics["loss"], "story_perplexity": metrics["perplexity"]}
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+def check_models(base_path: Path, finetuned_path: Path) -> None:
+    """Refuse a fine-tuned model that is missing, or not fine-tuned from a model of the base's tokenizer."""
+    if not finetuned_path.exists():
+        raise LibrarianError(f"fine-tuned model {finetuned_path} not found; run `dvc repro finetune`")
+    base, finetuned = read_config(base_path), read_config(finetuned_path)
+    if base.vocab_size != finetuned.vocab_size:
+        raise LibrarianError(
+            f"fine-tuned model {finetuned_path} has a vocab of {finetuned.vocab_size} but base model {base_path} "
+            f"has {base.vocab_size}; fine-tune this base model (`dvc repro finetune`)"
+        )
+    check_same_tokenizer(base_path, read_tokenizer_sha256(base_path), read_tokenizer_sha256(finetuned_path),
+                         f"fine-tuned model {finetuned_path}")
+
+
+def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_path: str | Path,
+                  chat_dir: str | Path, tokens_dir: str | Path, params: Params) -> dict:
+    """metrics/chat.json's content: {"base": {...}, "finetuned": {...}, "story_perplexity_change": ...}."""
+    paths = {"base": Path(base_path), "finetuned": Path(finetuned_path)}
+    check_models(paths["base"], paths["finetuned"])
+    generators = {name: Generator.load(path, tokenizer_path) for name, path in paths.items()}
+    table = read_test_requests(chat_dir)
+    settings = params.evaluate_chat
+    requests = {kind: select_requests(table, kind, settings.requests) for kind in ("words", "character")}
+    for kind, selected in requests.items():
+        check_requests(selected, kind, params)
+
+    # The cheap scores first: they check the token files before the long sampling starts.
+    result = {name: story_metrics(generators[name], paths[name], Path(tokens_dir), params) for name in MODELS}
+    for name in MODELS:
+        result[name].update(reply_metrics(generators[name], table, params))
+    options = GenerationOptions.of(settings)
+    for name in MODELS:
+        generator = generators[name]
+        threads = resolve_threads(settings.threads, generator.model.config.d_model, "evaluate_chat.threads",
+                                  batched=True)
+        asked = requests["words"] + requests["character"]
+        replies = answer_all(generator, options, asked, threads, f"{name} replies")
+        n_words = len(requests["words"])
+        result[name].update(words_scores(requests["words"], replies[:n_words]))
+        result[name].update(character_scores(requests["character"], replies[n_words:]))
+    change = result["finetuned"]["story_perplexity"] / result["base"]["story_perplexity"] - 1
+    return {**result, "story_perplexity_change": round_significant(change)}

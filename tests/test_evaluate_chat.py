@@ -1,0 +1,289 @@
+"""evaluate_chat: recall arithmetic on replies we control, the request selection, reproducible JSON
+for both models, and one-line errors for bad inputs. Tiny random models: speed, not quality."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import librarian.evaluate_chat as evaluate_chat
+from librarian.chat import Turn
+from librarian.generate import GenerationOptions
+from librarian.evaluate_chat import Request, character_scores, names, select_requests, words_scores
+from librarian.tokenizer import file_sha256, load_tokenizer
+from stages.evaluate_chat import main as evaluate_chat_stage
+from tests.conftest import build_tiny, set_dotted, tiny_model, write_tokens
+
+# (conversation, turn, kind, request, reply, words, character): a two-turn conversation among them
+CONVERSATIONS = [
+    (0, 0, "words", "Write a story that uses the words ball, jump and happy.",
+     "Tom had a red ball. He jumped with it and was happy.", ["ball", "jump", "happy"], ""),
+    (1, 0, "character", "Tell me a story about Tom.", "Tom was a little cat. Tom liked milk.", [], "Tom"),
+    (2, 0, "plain", "Tell me a story.", "Once upon a time there was a big tree.", [], ""),
+    (2, 1, "words", "Write a story that uses the words dog, run and big.",
+     "A big dog liked to run in the park.", ["dog", "run", "big"], ""),
+    (3, 0, "opening", "Continue this story: Lily found a box.", "Inside it was a small toy.", [], ""),
+    (4, 0, "character", "Tell me a story about a girl named Lily.", "Lily played in the sun.", [], "Lily"),
+    (5, 0, "words", "Write a story that uses the words cat, sleep and soft.",
+     "The cat slept on a soft bed.", ["cat", "sleep", "soft"], ""),
+]
+N_WORDS, N_CHARACTER = 3, 2
+SCHEMA = pa.schema([("conversation", pa.int64()), ("turn", pa.int64()), ("kind", pa.string()),
+                    ("request", pa.string()), ("reply", pa.string()), ("words", pa.list_(pa.string())),
+                    ("character", pa.string()), ("story", pa.int64())])
+MODEL_KEYS = {"reply_loss", "reply_perplexity", "reply_tokens", "story_loss", "story_perplexity", "words_recall",
+              "words_all", "words_requests", "character_recall", "character_requests"}
+SMALL = {"model.context_length": 32, "eval.stride": 16, "eval.batch_size": 8, "train.stride": 32,
+         "evaluate_chat.max_new_tokens": 12, "evaluate_chat.threads": 1}
+
+
+def write_chat(folder: Path, rows=CONVERSATIONS) -> Path:
+    """A chat test split in chat_data's schema."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in range(7)]
+    stories = list(range(len(rows)))
+    pq.write_table(pa.table([*map(list, columns), stories], schema=SCHEMA), folder / "test.parquet")
+    return folder
+
+
+@dataclass(frozen=True)
+class Inputs:
+    base: Path
+    finetuned: Path
+    tokenizer: Path
+    chat: Path
+    tokens: Path
+    vocab: int
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    """Two tiny models (different weights) of one tokenizer, the story test tokens and a chat test split."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("chat_eval")
+    base, tokenizer = build_tiny(root, record_tokenizer=True)
+    sha, vocab = file_sha256(tokenizer), load_tokenizer(tokenizer).get_vocab_size()
+    finetuned = tiny_model(root / "chat_model" / "model.safetensors", vocab, seed=1, tokenizer_sha256=sha)
+    write_tokens(root / "tokens", "test", np.random.default_rng(0).integers(1, vocab, 300), vocab)
+    meta = json.loads((root / "tokens" / "test.json").read_text())
+    (root / "tokens" / "test.json").write_text(json.dumps({**meta, "tokenizer_sha256": sha}))
+    return Inputs(base, finetuned, tokenizer, write_chat(root / "chat"), root / "tokens", vocab)
+
+
+@pytest.fixture
+def run(inputs, raw_params, tmp_path):
+    """run(**overrides, finetuned=..., chat=...): the stage in-process; returns the output path."""
+
+    def go(finetuned: Path | None = None, chat: Path | None = None, **overrides) -> Path:
+        for dotted, value in {**SMALL, **overrides}.items():
+            set_dotted(raw_params, dotted, value)
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(raw_params))
+        out = tmp_path / "metrics" / "chat.json"
+        evaluate_chat_stage([str(inputs.base), str(finetuned or inputs.finetuned), str(inputs.tokenizer),
+                             str(chat or inputs.chat), str(inputs.tokens), str(out), "--params", str(params)])
+        return out
+
+    return go
+
+
+def request(row: int, words=(), character="") -> Request:
+    return Request(row, "words" if words else "character", "a request", (), tuple(words), character)
+
+
+# --- recall arithmetic -------------------------------------------------------------------------------
+
+
+def test_words_recall_counts_any_inflection_and_each_missing_word():
+    asked = [request(0, ["ball", "jump", "happy"]), request(1, ["dog", "run", "big"])]
+    full = ["The happy girl jumped over the ball.", "A big dog was running."]
+    assert words_scores(asked, full) == {"words_recall": 1.0, "words_all": 1.0, "words_requests": 2}
+    # One word fewer in one reply: recall falls by exactly 1 / (3 N), and that reply is no longer complete.
+    missing = ["The happy girl jumped over the wall.", full[1]]
+    scores = words_scores(asked, missing)
+    assert scores["words_recall"] == pytest.approx(1 - 1 / 6, abs=1e-6)
+    assert (scores["words_all"], scores["words_requests"]) == (0.5, 2)
+    assert words_scores(asked, ["", ""])["words_recall"] == 0.0
+
+
+def test_character_recall_needs_the_name_as_a_whole_word():
+    assert names("Tom's hat was red.", "Tom") and names("Then Tom ran.", "Tom")
+    assert not names("Tommy ran to the tomato.", "Tom")
+    assert not names("She picked a lily.", "Lily")  # the flower, not the girl
+    asked = [request(0, character="Tom"), request(1, character="Lily"), request(2, character="Max")]
+    replies = ["Tom was a cat.", "Lily sang.", "The dog ran."]
+    scores = character_scores(asked, replies)
+    assert scores["character_recall"] == pytest.approx(2 / 3, abs=1e-6) and scores["character_requests"] == 3
+    assert character_scores(asked, ["Tom was a cat.", "Lily sang.", "Max ran."])["character_recall"] == 1.0
+
+
+def test_requests_come_in_table_order_with_their_conversation_as_history():
+    import pandas as pd
+
+    table = pd.DataFrame(CONVERSATIONS, columns=["conversation", "turn", "kind", "request", "reply", "words",
+                                                 "character"])
+    words = select_requests(table, "words", 10)
+    assert [r.row for r in words] == [0, 3, 6]
+    assert words[1].words == ("dog", "run", "big")
+    assert words[1].history == (Turn("Tell me a story.", "Once upon a time there was a big tree."),)
+    assert words[0].history == () and words[2].history == ()
+    assert [r.character for r in select_requests(table, "character", 10)] == ["Tom", "Lily"]
+    assert [r.row for r in select_requests(table, "words", 2)] == [0, 3]  # N caps the count
+
+
+def test_the_stage_scores_the_replies_the_models_give(run, inputs, monkeypatch):
+    """End to end with replies we control: the fine-tuned "model" leaves one word out of one reply;
+    the base one answers nothing that was asked."""
+    import torch
+
+    from librarian.checkpoint import load_weights
+
+    tuned_embedding = load_weights(inputs.finetuned).tok_emb.weight
+
+    def answer(generator, options, req):
+        if not torch.equal(generator.model.tok_emb.weight, tuned_embedding):
+            return "Someone smiled."
+        if req.character:
+            return f"{req.character} smiled."
+        return " ".join(req.words[:2] if req.row == 3 else req.words)  # row 3: the second words request
+
+    monkeypatch.setattr(evaluate_chat, "answer", answer)
+    metrics = json.loads(run().read_text())
+    tuned, base = metrics["finetuned"], metrics["base"]
+    assert tuned["words_recall"] == pytest.approx(1 - 1 / (3 * N_WORDS), abs=1e-6)
+    assert tuned["words_all"] == pytest.approx(2 / 3, abs=1e-6)
+    assert tuned["character_recall"] == 1.0
+    assert base["words_recall"] == base["words_all"] == base["character_recall"] == 0.0
+    assert (tuned["words_requests"], tuned["character_requests"]) == (N_WORDS, N_CHARACTER)
+
+
+# --- the metrics file --------------------------------------------------------------------------------
+
+
+def test_both_models_same_keys_reproducible_bytes_on_any_thread_count(run, inputs, make_params, capsys):
+    out = run()
+    first = out.read_bytes()
+    metrics = json.loads(first)
+    assert set(metrics) == {"base", "finetuned", "story_perplexity_change"}
+    assert set(metrics["base"]) == set(metrics["finetuned"]) == MODEL_KEYS
+    assert metrics["base"] != metrics["finetuned"]  # two models, two sets of figures
+    assert metrics["story_perplexity_change"] == pytest.approx(
+        metrics["finetuned"]["story_perplexity"] / metrics["base"]["story_perplexity"] - 1, rel=1e-5)
+    assert "evaluate_chat (base -> fine-tuned): words recall" in capsys.readouterr().out
+    assert run().read_bytes() == first
+    assert run(**{"evaluate_chat.threads": 2}).read_bytes() == first
+
+
+def test_story_metrics_are_the_evaluate_stage_s(run, inputs, make_params):
+    from librarian.checkpoint import load_weights, read_tokenizer_sha256
+    from librarian.evaluate import evaluate_split
+
+    metrics = json.loads(run().read_text())
+    params = make_params(**SMALL)
+    for name, path in (("base", inputs.base), ("finetuned", inputs.finetuned)):
+        expected = evaluate_split(load_weights(path), inputs.tokens / "test.bin", params, "cpu", path,
+                                  read_tokenizer_sha256(path))
+        assert (metrics[name]["story_loss"], metrics[name]["story_perplexity"]) == (expected["loss"],
+                                                                                    expected["perplexity"])
+
+
+def test_a_reply_depends_on_its_request_alone(inputs, make_params):
+    """Seed + row, a fresh session each: the same reply alone, after other requests, on 2 threads."""
+    import pandas as pd
+
+    from librarian.generate import Generator
+
+    generator = Generator.load(inputs.base, inputs.tokenizer)
+    options = GenerationOptions.of(make_params(**SMALL).evaluate_chat)
+    table = pd.read_parquet(inputs.chat / "test.parquet")
+    asked = select_requests(table, "words", 10) + select_requests(table, "character", 10)
+    together = evaluate_chat.answer_all(generator, options, asked, 1, "all")
+    assert evaluate_chat.answer_all(generator, options, asked[::-1], 2, "reversed") == together[::-1]
+    assert [evaluate_chat.answer(generator, options, r) for r in asked[-1:]] == together[-1:]
+    assert len(set(together)) > 1  # the requests do get different replies
+
+
+def test_a_request_is_asked_as_chat_asks_it(inputs, make_params, monkeypatch, tmp_path):
+    """The prompt is chat's: the earlier turns of the conversation, then the request; seed + row."""
+    import pandas as pd
+
+    from librarian.chat import STOP_STRINGS, render_prompt
+    from librarian.generate import Generator
+
+    # A context the whole history fits in (chat drops the turns that do not fit, as it should).
+    model = tiny_model(tmp_path / "model.safetensors", inputs.vocab, context_length=256)
+    generator = Generator.load(model, inputs.tokenizer)
+    options = GenerationOptions.of(make_params(**SMALL).evaluate_chat)
+    asked = []
+
+    def stream(prompt, options, stop_strings):
+        asked.append((prompt, options.seed, stop_strings))
+        yield " Once upon a time."
+
+    monkeypatch.setattr(generator, "stream", stream)
+    second_turn = select_requests(pd.read_parquet(inputs.chat / "test.parquet"), "words", 10)[1]
+    assert evaluate_chat.answer(generator, options, second_turn) == " Once upon a time."
+    history = [Turn("Tell me a story.", "Once upon a time there was a big tree.")]
+    assert asked == [(render_prompt(history, second_turn.message), options.seed + 3, STOP_STRINGS)]
+
+
+def test_requests_caps_the_number_answered(run):
+    one = json.loads(run(**{"evaluate_chat.requests": 1}).read_text())
+    assert (one["base"]["words_requests"], one["base"]["character_requests"]) == (1, 1)
+    many = json.loads(run(**{"evaluate_chat.requests": 1000}).read_text())
+    assert (many["finetuned"]["words_requests"], many["finetuned"]["character_requests"]) == (N_WORDS, N_CHARACTER)
+
+
+# --- bad input: one line, nothing written -------------------------------------------------------------
+
+
+def _other_vocab(tmp_path, inputs):
+    return tiny_model(tmp_path / "v64" / "model.safetensors", 64, tokenizer_sha256=file_sha256(inputs.tokenizer))
+
+
+def _other_tokenizer(tmp_path, inputs):
+    return tiny_model(tmp_path / "other" / "model.safetensors", inputs.vocab, tokenizer_sha256="0" * 64)
+
+
+def _without(kind):
+    return lambda tmp_path, inputs: write_chat(tmp_path / f"no_{kind}", [r for r in CONVERSATIONS if r[2] != kind])
+
+
+BAD = [
+    ("fine-tuned model missing", {"finetuned": lambda t, i: t / "chat_model" / "model.safetensors"},
+     ["fine-tuned model", "not found", "run `dvc repro finetune`"]),
+    ("vocab differs", {"finetuned": _other_vocab}, ["has a vocab of 64 but base model", "dvc repro finetune"]),
+    ("tokenizer differs", {"finetuned": _other_tokenizer},
+     ["comes from another tokenizer (sha256 0000000000000000)", "use the matching files"]),
+    ("chat folder missing", {"chat": lambda t, i: t / "nope"}, ["nope/test.parquet not found", "dvc repro chat_data"]),
+    ("no words requests", {"chat": _without("words")},
+     ["no words requests", "raise data.test_fraction or chat_data.mix.words", "dvc repro chat_data"]),
+    ("no character requests", {"chat": _without("character")}, ["no character requests", "chat_data.mix.character"]),
+]
+
+
+@pytest.mark.parametrize("paths,words", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_input_fails_in_one_line_and_writes_nothing(run, inputs, tmp_path, capsys, paths, words):
+    with pytest.raises(SystemExit) as exit_:
+        run(**{key: make(tmp_path, inputs) for key, make in paths.items()})
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for word in words:
+        assert word in lines[0], lines[0]
+    metrics = tmp_path / "metrics"
+    assert not metrics.exists() or not list(metrics.iterdir())  # no chat.json, no temporary sibling
+
+
+def test_a_zero_share_is_named_as_the_fix(run, inputs, tmp_path, capsys):
+    mix = {"chat_data.mix.words": 0.0, "chat_data.mix.plain": 0.6}
+    with pytest.raises(SystemExit):
+        run(chat=_without("words")(tmp_path, inputs), **mix)
+    assert "give chat_data.mix.words a share above 0" in capsys.readouterr().err
