@@ -7,8 +7,10 @@
     librarian runs [--all-commits]
     librarian plots [REV ...] [--out dvc_plots/offline]
 
-The model and tokenizer default to the pipeline's outputs (data/model/model.safetensors,
-data/tokenizer.json), so these run from the project root after `dvc repro`. A problem the user can
+The model and tokenizer default to the pipeline's outputs, so these run from the project root after
+`dvc repro`: the chat fine-tuned model (data/chat_model/model.safetensors) once the finetune stage
+has made it, else the base model (data/model/model.safetensors), and data/tokenizer.json. generate,
+chat and export say which model they use. A problem the user can
 fix is reported as one `error: ...` line on stderr with exit code 1 (2 for a malformed command
 line); LIBRARIAN_DEBUG=1 adds the traceback.
 """
@@ -23,7 +25,9 @@ from pathlib import Path
 from librarian.errors import LibrarianError
 from librarian.stage import run_stage
 
-DEFAULT_MODEL = Path("data/model/model.safetensors")
+BASE_MODEL = Path("data/model/model.safetensors")  # the train stage's output
+CHAT_MODEL = Path("data/chat_model/model.safetensors")  # the finetune stage's output
+MODEL_RULE = f"{CHAT_MODEL} if it exists, else {BASE_MODEL}"
 DEFAULT_TOKENIZER = Path("data/tokenizer.json")
 PROJECT_MARKERS = (Path("dvc.yaml"), Path("params.yaml"))  # what makes a folder the project folder
 
@@ -48,7 +52,9 @@ def build_parser() -> Parser:
 
     generate = add_command(commands, "generate", run_generate,
                            help="continue a prompt, streaming the text as it comes",
-                           description="Print the prompt, then the model's continuation as it is generated.")
+                           description="Print the prompt, then the model's continuation as it is generated. "
+                                       f"The model is {MODEL_RULE} (--model chooses); a line on stderr "
+                                       "says which.")
     generate.add_argument("--prompt", required=True, help='the text to continue, e.g. "Once upon a time"')
     add_model_options(generate)
     add_sampling_options(generate)
@@ -58,13 +64,15 @@ def build_parser() -> Parser:
     chat = add_command(commands, "chat", run_chat,
                        help="talk with the model in the User:/Assistant: format",
                        description="An interactive chat; type /help inside it for the commands. "
-                                   "Ctrl-C stops a reply or clears the line, Ctrl-D or /quit leaves.")
+                                   "Ctrl-C stops a reply or clears the line, Ctrl-D or /quit leaves. "
+                                   f"The model is {MODEL_RULE} (--model chooses); the first line says which.")
     add_model_options(chat)
     add_sampling_options(chat)
 
     export = add_command(commands, "export", run_export,
                          help="write the model as a Hugging Face transformers folder",
-                         description="Export the model and tokenizer for AutoModelForCausalLM.from_pretrained.")
+                         description="Export a model and its tokenizer for AutoModelForCausalLM.from_pretrained: "
+                                     f"{MODEL_RULE}, or the one --model names.")
     export.add_argument("out", type=Path, metavar="OUT",
                         help="the folder to write: a new or empty one, or an earlier export with --force")
     export.add_argument("--format", choices=("hf",), default="hf", help="hf: a GPT-2 transformers folder (default)")
@@ -129,7 +137,8 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"model file (default: {DEFAULT_MODEL})")
+    # None: default_model() decides when the command runs, from the files there are then.
+    parser.add_argument("--model", type=Path, default=None, help=f"model file (default: {MODEL_RULE})")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                         help=f"tokenizer file (default: {DEFAULT_TOKENIZER})")
 
@@ -143,6 +152,21 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (slower)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads; 0 = auto: the fastest for the model's size (default: 0)")
+
+
+def default_model() -> Path:
+    """The chat fine-tuned model once the finetune stage has made it, else the base model."""
+    return CHAT_MODEL if CHAT_MODEL.exists() else BASE_MODEL
+
+
+def describe_model(model: Path) -> str:
+    """Which model a command uses, and how to choose the other one: the line it starts with."""
+    if model == CHAT_MODEL:
+        return f"model: {model} (chat fine-tuned; --model {BASE_MODEL} for the base model)"
+    if model == BASE_MODEL:
+        hint = "" if CHAT_MODEL.exists() else f"; `dvc repro finetune` makes the chat model, {CHAT_MODEL}"
+        return f"model: {model} (base model{hint})"
+    return f"model: {model} (given by --model)"
 
 
 def options_from(args: argparse.Namespace):
@@ -177,6 +201,8 @@ def run_generate(args: argparse.Namespace) -> None:
         raise LibrarianError('the prompt is empty; give some text to continue, e.g. --prompt "Once upon a time"')
     generator = Generator.load(args.model, args.tokenizer)
     use_threads(args, generator)
+    # On stderr: stdout carries only the text, so `librarian generate ... > story.txt` stays clean.
+    print(describe_model(args.model), file=sys.stderr, flush=True)
     out = sys.stdout
     for i in range(args.num_samples):
         if i:
@@ -214,6 +240,7 @@ def run_chat(args: argparse.Namespace) -> None:
             print(line, flush=True)
             return line
 
+    print(describe_model(args.model), flush=True)  # the line before the banner
     chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout)
 
 
@@ -221,17 +248,20 @@ def run_export(args: argparse.Namespace) -> None:
     from librarian.export import export_hf
 
     out = export_hf(args.model, args.tokenizer, args.out, force=args.force)
+    print(describe_model(args.model))
     print(f"export: {args.format} model written to {out}")
 
 
 def check_project(args: argparse.Namespace) -> None:
     """The default model and tokenizer are relative to the project folder: from elsewhere, say where to run.
 
-    Explicit --model/--tokenizer paths work from anywhere; inside the project, a missing default is
-    reported by the loaders as "not found; train a model first".
+    Explicit --model/--tokenizer paths work from anywhere; inside the project, a missing default (no
+    model at all: neither the chat model nor the base one) is reported by the loaders as "not found;
+    train a model first".
     """
-    missing = [name for name, default in (("model", DEFAULT_MODEL), ("tokenizer", DEFAULT_TOKENIZER))
-               if getattr(args, name, None) == default and not default.exists()]
+    defaults = (("model", (CHAT_MODEL, BASE_MODEL)), ("tokenizer", (DEFAULT_TOKENIZER,)))
+    missing = [name for name, paths in defaults
+               if getattr(args, name, None) in paths and not getattr(args, name).exists()]
     here = Path.cwd()
     if missing and not any((here / marker).is_file() for marker in PROJECT_MARKERS):
         options = " and ".join(f"--{name}" for name in missing)
@@ -249,6 +279,8 @@ def require_open(stream: str, why: str) -> None:
 
 def _main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if "model" in args and args.model is None:
+        args.model = default_model()
     try:
         check_project(args)
         args.run(args)

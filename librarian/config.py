@@ -190,14 +190,74 @@ class EvalParams(Section):
     threads: NonNegativeInt  # 0 = auto: the fastest count for the model's size
 
 
-class SamplesParams(Section):
-    prompts: list[Annotated[str, Field(min_length=1)]]
+class SamplingParams(Section):
+    """How a stage samples text: one schema for the samples, chat_samples and evaluate_chat sections."""
+
     max_new_tokens: PositiveInt
     temperature: Annotated[float, Field(ge=0)]
     top_k: NonNegativeInt
     top_p: Annotated[float, Field(gt=0, le=1)]
     seed: NonNegativeInt
     threads: NonNegativeInt  # 0 = auto: the fastest count for the model's size
+
+
+class SamplesParams(SamplingParams):
+    prompts: list[Annotated[str, Field(min_length=1)]]  # text to continue (samples) or requests (chat_samples)
+
+
+Share = Annotated[float, Field(ge=0, le=1)]
+REQUEST_KINDS = ("words", "character", "opening", "plain")
+
+
+class RequestMix(Section):
+    """The share of conversations of each request kind; the shares sum to 1."""
+
+    words: Share
+    character: Share
+    opening: Share
+    plain: Share
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        total = sum(getattr(self, kind) for kind in REQUEST_KINDS)
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"the shares must sum to 1, got {total:g}; adjust "
+                             + ", ".join(f"{kind} ({getattr(self, kind):g})" for kind in REQUEST_KINDS))
+        return self
+
+
+class ChatDataParams(Section):
+    mix: RequestMix
+    multi_turn: Share  # share of conversations with two turns: a first one from another story, then this story's
+
+
+class FinetuneParams(Section):
+    """The chat fine-tuning run: these keys replace train's; the rest of train (amp, device, threads,
+    compile, fused_loss, betas, grad_accum, log_every, ...) applies as it is."""
+
+    lr: Annotated[float, Field(gt=0)]
+    schedule: Literal["constant", "cosine"]
+    warmup_steps: NonNegativeInt
+    min_lr: Annotated[float, Field(ge=0)]
+    max_epochs: PositiveInt
+    max_steps: NonNegativeInt
+    max_tokens: NonNegativeInt
+    batch_size: PositiveInt
+    patience: PositiveInt
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    grad_clip: Annotated[float, Field(ge=0)]
+    stride: PositiveInt  # new reply tokens per continuation window (see librarian/chat_tokens.py)
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
+
+
+class EvaluateChatParams(SamplingParams):
+    requests: PositiveInt  # words and character requests each, from the test conversations (fewer if fewer exist)
 
 
 class Params(Section):
@@ -210,9 +270,14 @@ class Params(Section):
     train: TrainParams
     eval: EvalParams
     samples: SamplesParams
+    chat_data: ChatDataParams
+    finetune: FinetuneParams
+    evaluate_chat: EvaluateChatParams
+    chat_samples: SamplesParams
 
     @model_validator(mode="after")
     def _strides_fit_context(self):
+        # finetune.stride is checked against the base model's own context, when fine-tuning starts.
         for key, stride in (("train.stride", self.train.stride), ("eval.stride", self.eval.stride)):
             if stride > self.model.context_length:
                 raise ValueError(

@@ -74,14 +74,17 @@ def run_pipeline(root: Path, settings: list[str]) -> None:
 
 
 def show_model(root: Path) -> None:
-    """A continuation and a chat reply from the demo's model: what `generate` and `chat` print."""
+    """A continuation from the base model and a reply from the chat model: what `generate --model
+    data/model/model.safetensors` and `chat` print."""
     from librarian.chat import ChatSession
     from librarian.generate import GenerationOptions, Generator
 
-    generator = Generator.load(root / "data/model/model.safetensors", root / "data/tokenizer.json")
+    tokenizer = root / "data/tokenizer.json"
+    base = Generator.load(root / "data/model/model.safetensors", tokenizer)
+    chat_model = Generator.load(root / "data/chat_model/model.safetensors", tokenizer)
     options = GenerationOptions(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=60, seed=1)
-    story = generator.complete(PROMPT, options)
-    reply = "".join(ChatSession(generator, options).reply(CHAT_MESSAGE)).strip()
+    story = base.complete(PROMPT, options)
+    reply = "".join(ChatSession(chat_model, options).reply(CHAT_MESSAGE)).strip()
     print(f"\ngenerate> {PROMPT}{story}\n\nchat> User: {CHAT_MESSAGE}\n      Assistant: {reply}\n")
     print("The demo model trained for seconds on 370 stories: expect words, not yet stories. Next:\n"
           f'  librarian generate --prompt "{PROMPT}"\n'

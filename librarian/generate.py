@@ -39,6 +39,12 @@ class GenerationOptions:
     seed: int | None = None  # None: a different continuation every time
     use_cache: bool = True  # False: recompute the whole window each step (same tokens, slower)
 
+    @classmethod
+    def of(cls, sampling) -> "GenerationOptions":
+        """The options of a params section that samples (config.SamplingParams: samples, chat_samples, evaluate_chat)."""
+        return cls(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   max_new_tokens=sampling.max_new_tokens, seed=sampling.seed)
+
     def __post_init__(self):
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise LibrarianError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")

@@ -1,18 +1,25 @@
-"""The samples artifact: the trained model's continuations of fixed prompts, as Markdown.
+"""The samples artifacts: a model's outputs for fixed prompts, as Markdown.
 
-Every prompt is continued with the same seed and sampling settings (params.samples), each on its
-own: a sample does not depend on the prompts before it, so adding a prompt leaves the others as
-they were. The file names the model and tokenizer by the paths given (never absolute ones) and
-their SHA-256, and carries no timestamp: identical inputs give a byte-identical file. Generation
-runs on samples.threads torch threads (0 = auto, librarian/threads.py).
+Two stages write one: `samples` (the base model continuing params.samples.prompts) and
+`chat_samples` (the chat model replying to the requests of params.chat_samples). A Layout says
+how a prompt reaches the model and what the file calls its parts; the rest is shared.
+
+Every prompt is answered with the same seed and sampling settings, each on its own: a sample does
+not depend on the prompts before it, so adding a prompt leaves the others as they were. The file
+names the model and tokenizer by the paths given (never absolute ones) and their SHA-256, and
+carries no timestamp: identical inputs give a byte-identical file. Generation runs on the
+section's `threads` torch threads (0 = auto, librarian/threads.py).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from librarian.config import SamplesParams
+from librarian.errors import LibrarianError
 from librarian.generate import GenerationOptions, Generator
 from librarian.io import write_text
 from librarian.threads import resolve_threads, using_threads
@@ -32,6 +39,26 @@ def fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a samples file is about: how a prompt reaches the model, and the file's words for its parts."""
+
+    section: str  # the params section, named in errors: "samples"
+    title: str
+    prompt: str  # what a prompt is called in the text: "prompt"
+    prompt_label: str
+    output_label: str
+    to_model: Callable[[str], str] = str  # the text the model continues
+    stop_strings: tuple[str, ...] = ()  # where an output ends besides <|endoftext|>
+    tidy: Callable[[str], str] = str  # the output as shown
+    notes: tuple[str, ...] = ()  # more lines for the header's list
+    missing_model: str = ""  # what to do when the model file is missing, if not the loader's "train a model"
+
+
+# The samples stage: the base model continues each prompt as it is.
+SAMPLES = Layout("samples", "Samples", "prompt", "Prompt:", "Continuation:")
+
+
 def render_samples(
     generator: Generator,
     params: SamplesParams,
@@ -39,29 +66,40 @@ def render_samples(
     tokenizer_name: str,
     model_sha: str,
     tokenizer_sha: str,
+    layout: Layout = SAMPLES,
 ) -> str:
-    options = GenerationOptions(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                max_new_tokens=params.max_new_tokens, seed=params.seed)
+    options = GenerationOptions.of(params)
+    ends = " or ".join(f"`{stop}`" for stop in ("<|endoftext|>", *layout.stop_strings))
     lines = [
-        "# Samples",
+        f"# {layout.title}",
         "",
         f"- model: `{model_name}` (sha256 `{model_sha[:16]}`)",
         f"- tokenizer: `{tokenizer_name}` (sha256 `{tokenizer_sha[:16]}`)",
         f"- sampling: temperature {params.temperature:g}, top-k {params.top_k}, top-p {params.top_p:g}, "
-        f"seed {params.seed} for every prompt, up to {params.max_new_tokens} new tokens "
-        "(ends early at `<|endoftext|>`)",
+        f"seed {params.seed} for every {layout.prompt}, up to {params.max_new_tokens} new tokens "
+        f"(ends early at {ends})",
+        *(f"- {note}" for note in layout.notes),
     ]
     for i, prompt in enumerate(params.prompts, start=1):
-        continuation = generator.complete(prompt, options)
-        lines += ["", f"## Sample {i}", "", "Prompt:", "", fenced(prompt)]
-        lines += ["", "Continuation:", "", fenced(continuation)]
+        output = layout.tidy(generator.complete(layout.to_model(prompt), options, layout.stop_strings))
+        lines += ["", f"## Sample {i}", "", layout.prompt_label, "", fenced(prompt)]
+        lines += ["", layout.output_label, "", fenced(output)]
     return "\n".join(lines) + "\n"
 
 
-def write_samples(model_path: str | Path, tokenizer_path: str | Path, out: str | Path, params: SamplesParams) -> str:
+def write_samples(
+    model_path: str | Path,
+    tokenizer_path: str | Path,
+    out: str | Path,
+    params: SamplesParams,
+    layout: Layout = SAMPLES,
+) -> str:
     """Generate the samples and write them to `out` atomically; returns the Markdown."""
+    if layout.missing_model and not Path(model_path).exists():
+        raise LibrarianError(f"model file {model_path} not found; {layout.missing_model}")
     generator = Generator.load(model_path, tokenizer_path)
-    with using_threads(resolve_threads(params.threads, generator.model.config.d_model, "samples.threads")):
+    threads = resolve_threads(params.threads, generator.model.config.d_model, f"{layout.section}.threads")
+    with using_threads(threads):
         text = render_samples(
             generator,
             params,
@@ -69,6 +107,7 @@ def write_samples(model_path: str | Path, tokenizer_path: str | Path, out: str |
             display_path(tokenizer_path),
             file_sha256(model_path),
             file_sha256(tokenizer_path),
+            layout,
         )
     write_text(out, text)
     return text

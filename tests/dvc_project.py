@@ -10,11 +10,15 @@ import yaml
 
 from tests.conftest import ROOT, set_dotted
 
-STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples"]
+STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples",
+          "chat_data", "finetune", "evaluate_chat", "chat_samples"]
 # A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
 TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff": 64, "model.context_length": 32,
         "train.stride": 32, "eval.stride": 16, "train.batch_size": 8, "train.max_steps": 12, "train.max_epochs": 2,
-        "train.lr": 3.0e-3, "train.threads": 1}
+        "train.lr": 3.0e-3, "train.threads": 1,
+        "finetune.stride": 32, "finetune.batch_size": 8, "finetune.max_steps": 12, "finetune.max_epochs": 2,
+        "evaluate_chat.requests": 4, "evaluate_chat.max_new_tokens": 24, "evaluate_chat.threads": 1,
+        "chat_samples.max_new_tokens": 24, "chat_samples.threads": 1}
 
 
 def tool_env() -> dict:

@@ -151,6 +151,20 @@ class Ctx:
         return ["stages.samples", str(model or self.world.model), str(tokenizer or self.world.tokenizer),
                 self.out("samples.md"), "--params", self.params(**overrides)]
 
+    def chat_data(self, clean: Path | None = None, **overrides) -> list[str]:
+        return ["stages.chat_data", str(clean or self.world.clean), self.out("chat"), self.out("chat_data.json"),
+                "--params", self.params(**overrides)]
+
+    def chat_samples(self, model: Path | None = None, **overrides) -> list[str]:
+        return ["stages.chat_samples", str(model or self.world.model), str(self.world.tokenizer),
+                self.out("chat_samples.md"), "--params", self.params(**overrides)]
+
+    def evaluate_chat(self, chat_model: Path | None = None, chat: Path | None = None, **overrides) -> list[str]:
+        """The world's model as both base and fine-tuned one, unless `chat_model` is given."""
+        return ["stages.evaluate_chat", str(self.world.model), str(chat_model or self.world.model),
+                str(self.world.tokenizer), str(chat or self.tmp / "chat"), str(self.world.tokens),
+                self.out("chat.json"), "--params", self.params(**overrides)]
+
     def chat(self, *args: str, model: Path | None = None, tokenizer: Path | None = None) -> list[str]:
         return ["librarian.cli", "chat", "--model", str(model or self.world.model),
                 "--tokenizer", str(tokenizer or self.world.tokenizer), *args]
@@ -302,6 +316,15 @@ def few_stories(c: Ctx, n: int) -> Path:
     return c.tmp / "sub"
 
 
+def empty_story_split(c: Ctx) -> Path:
+    """The world's clean splits with a blank second story in val: not what the clean stage writes."""
+    from librarian.io import write_stories
+
+    clean = c.copy(c.world.clean)
+    write_stories(clean / "val.parquet", [story(0), " "])
+    return clean
+
+
 def model_folder(c: Ctx) -> Path:
     """A folder like the pipeline's data/model/, holding model.safetensors."""
     write(c.tmp / "model" / "model.safetensors", c.world.model.read_bytes())
@@ -398,6 +421,25 @@ CASES = [
     ("clean/every story filtered out", lambda c: c.clean(few_stories(c, 20), **{"clean.min_chars": 5000}),
      ["no story is left after cleaning", "too_short"]),
     ("clean/input missing", lambda c: c.clean(c.tmp / "nowhere"), ["no train.parquet", "dvc repro subsample"]),
+    # the chat_data stage (more cases in tests/test_chat_data.py)
+    ("chat_data/share out of range", lambda c: c.chat_data(**{"chat_data.mix.words": -0.1, "chat_data.mix.plain": 0.7}),
+     ["chat_data.mix.words", "greater than or equal to 0"]),
+    ("chat_data/shares not summing to 1", lambda c: c.chat_data(**{"chat_data.mix.plain": 0.5}),
+     ["the shares must sum to 1, got 1.35", "adjust words (0.45)"]),
+    ("chat_data/multi_turn above 1", lambda c: c.chat_data(**{"chat_data.multi_turn": 1.5}),
+     ["chat_data.multi_turn", "less than or equal to 1"]),
+    ("chat_data/clean split missing",
+     lambda c: c.chat_data(clean=write(c.tmp / "clean" / "train.parquet", (c.world.clean / "train.parquet").read_bytes()).parent),
+     ["clean/val.parquet not found", "run `dvc repro clean`"]),
+    ("chat_data/clean split not parquet",
+     lambda c: c.chat_data(clean=write(c.tmp / "clean" / "train.parquet", "not parquet").parent),
+     ["train.parquet is not a readable clean split", "rerun `dvc repro -f clean`"]),
+    ("chat_data/empty story", lambda c: c.chat_data(clean=empty_story_split(c)),
+     ["val.parquet: story 1 is empty", "dvc repro -f clean"]),
+    ("chat_data/a kind no story of a split gets",
+     lambda c: c.chat_data(**{"chat_data.mix.opening": 0.01, "chat_data.mix.plain": 0.24}),
+     ["the train split has no opening conversation although chat_data.mix.opening is 0.01",
+      "0.01 of its 20 stories rounds to none; use more data (data.fraction) or set chat_data.mix.opening to 0"]),
     # tokenizer.json, read by tokenize (and samples, generate)
     ("tokenizer/truncated", lambda c: c.tokenize(tokenizer=truncated(c, c.world.tokenizer)),
      ["invalid or truncated", "dvc repro -f train_tokenizer"]),
@@ -455,6 +497,10 @@ CASES = [
      ["comes from another tokenizer"]),
     ("checkpoint/truncated, at samples", lambda c: c.samples(model=truncated(c, c.world.model, 0.9)),
      ["model.safetensors"]),
+    ("checkpoint/no chat model, at chat_samples", lambda c: c.chat_samples(model=c.tmp / "chat_model.safetensors"),
+     ["chat_model.safetensors not found", "fine-tune the chat model first (`dvc repro finetune`)"]),
+    ("params/chat_samples request empty", lambda c: c.chat_samples(**{"chat_samples.prompts": ["Tell me a story", ""]}),
+     ["chat_samples.prompts"]),
     # generation: the librarian command
     ("generate/empty prompt", lambda c: c.generate("--prompt", ""), ["the prompt is empty"]),
     ("generate/only control characters", lambda c: c.generate("--prompt", "\x01\x02\x1b\x7f"),
@@ -504,6 +550,13 @@ CASES = [
      ["comes from another tokenizer", "use the matching files"]),
     ("export/tokenizer of another vocab", lambda c: c.export(model=c.world.model_64),
      ["expects 64", "use the tokenizer the model was trained with"]),
+    # evaluate_chat: two models, the chat test split (more cases in tests/test_evaluate_chat.py)
+    ("evaluate_chat/fine-tuned model missing", lambda c: c.evaluate_chat(chat_model=c.tmp / "nope.safetensors"),
+     ["fine-tuned model", "not found", "run `dvc repro finetune`"]),
+    ("evaluate_chat/models of different vocabs", lambda c: c.evaluate_chat(chat_model=c.world.model_64),
+     ["has a vocab of 64 but base model", "fine-tune this base model"]),
+    ("evaluate_chat/no chat folder", lambda c: c.evaluate_chat(),
+     ["chat/test.parquet not found", "dvc repro chat_data"]),
 ]
 
 

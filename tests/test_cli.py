@@ -344,3 +344,61 @@ def test_samples_name_an_absolute_model_path_by_its_file_name_only(files, tmp_pa
     text = write_samples(files[0], files[1], tmp_path / "samples.md", params)
     assert "`model.safetensors`" in text and str(files[0].parent) not in text
     assert fenced("a ```b``` c").startswith("````text\n")
+
+
+# --- the chat_samples stage -----------------------------------------------------------------
+
+
+def chat_samples_project(files, tmp_path, raw_params, monkeypatch, **settings) -> list[str]:
+    """tmp_path as a project holding `files` as the chat model and tokenizer; the stage's argv."""
+    from tests.conftest import set_dotted
+
+    for dotted, value in settings.items():
+        set_dotted(raw_params["chat_samples"], dotted, value)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "chat_model").mkdir(parents=True)
+    os.link(files[0], tmp_path / "data" / "chat_model" / "model.safetensors")
+    os.link(files[1], tmp_path / "data" / "tokenizer.json")
+    return ["data/chat_model/model.safetensors", "data/tokenizer.json", "metrics/chat_samples.md"]
+
+
+def test_chat_samples_send_each_request_as_a_chat_turn_and_stop_at_the_next_user_turn(
+        files, tmp_path, raw_params, monkeypatch):
+    import librarian.generate as generate_module
+    from librarian.generate import Generator
+    from stages.chat_samples import main as chat_samples
+    from tests.test_chat import Script
+
+    argv = chat_samples_project(files, tmp_path, raw_params, monkeypatch)
+    # A model that answers every request the same way, then starts the next turn itself.
+    script = Script(Generator.load(*files), " Once upon a time, Tom found a ball.\nUser: another one")
+    monkeypatch.setattr(generate_module, "generate_ids", script)
+    chat_samples(argv)
+    requests = raw_params["chat_samples"]["prompts"]
+    assert script.prompts == [f"User: {request}\nAssistant:" for request in requests]
+    text = (tmp_path / "metrics" / "chat_samples.md").read_text()
+    reply = "Reply:\n\n```text\nOnce upon a time, Tom found a ball.\n```"  # stripped, cut before `User:`
+    assert text.count(reply) == len(requests) and "another one" not in text
+    for i, request in enumerate(requests, start=1):
+        assert f"## Sample {i}\n\nRequest:\n\n```text\n{request}\n```\n\n{reply}" in text
+
+
+def test_chat_samples_stage_writes_the_same_bytes_twice(files, tmp_path, raw_params, monkeypatch):
+    from librarian.tokenizer import file_sha256
+    from stages.chat_samples import main as chat_samples
+
+    argv = chat_samples_project(files, tmp_path, raw_params, monkeypatch, max_new_tokens=25)
+    chat_samples(argv)
+    first = (tmp_path / "metrics" / "chat_samples.md").read_bytes()
+    chat_samples(argv)
+    assert (tmp_path / "metrics" / "chat_samples.md").read_bytes() == first
+    text = first.decode()
+    settings = raw_params["chat_samples"]
+    assert text.startswith("# Chat samples\n\n- model: `data/chat_model/model.safetensors` (sha256 "
+                           f"`{file_sha256(files[0])[:16]}`)\n- tokenizer: `data/tokenizer.json` (sha256 "
+                           f"`{file_sha256(files[1])[:16]}`)\n")
+    assert (f"temperature {settings['temperature']:g}, top-k {settings['top_k']}, top-p {settings['top_p']:g}, "
+            f"seed {settings['seed']} for every request, up to 25 new tokens "
+            "(ends early at `<|endoftext|>` or `User:`)") in text
+    assert str(tmp_path) not in text and text.count("\nReply:\n") == len(settings["prompts"])

@@ -293,6 +293,23 @@ def test_the_pipelines_outputs_are_refused_and_the_model_survives(tmp_path, toke
     assert snapshot(project) == before
 
 
+def test_the_chat_model_is_exported_by_default_and_model_picks_the_base_one(tmp_path, tokenizer, capsys,
+                                                                            monkeypatch):
+    project = a_project(tmp_path / "project", tokenizer)
+    write_inputs(project / "data" / "chat_model", tokenizer, seed=1)  # the finetune stage's model: other weights
+    chat, base = (project / "data" / folder / "model.safetensors" for folder in ("chat_model", "model"))
+    monkeypatch.chdir(project)
+    out = tmp_path / "hf"
+    main(["export", str(out)])
+    said = capsys.readouterr().out
+    assert said.startswith("model: data/chat_model/model.safetensors (chat fine-tuned; --model "
+                           "data/model/model.safetensors for the base model)\n") and "model written to" in said
+    assert json.loads((out / MARKER).read_text())["model_sha256"] == file_sha256(chat)
+    main(["export", "--force", "--model", "data/model/model.safetensors", str(out)])
+    assert capsys.readouterr().out.startswith("model: data/model/model.safetensors (base model)\n")
+    assert json.loads((out / MARKER).read_text())["model_sha256"] == file_sha256(base) != file_sha256(chat)
+
+
 def test_a_dvc_output_outside_data_is_refused(tmp_path, tokenizer, capsys):
     project = tmp_path / "project"
     project.mkdir()

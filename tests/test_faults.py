@@ -31,7 +31,7 @@ def stage_commands(project: Path) -> dict[str, tuple[str, list[str]]]:
     out = {}
     for name, stage in stages.items():
         paths = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("outs", []) + stage.get("metrics", [])]
-        out[name] = (stage["cmd"], [p for p in paths if not p.startswith("metrics/train/")])
+        out[name] = (stage["cmd"], [p for p in paths if not p.startswith(("metrics/train/", "metrics/finetune/"))])
     return out
 
 
