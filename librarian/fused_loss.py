@@ -48,7 +48,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, n, chunk):
+        for start in range(0, h.size(0), chunk):  # every row: the kept ones can be anywhere
             rows = slice(start, start + chunk)
             chunk_loss, g = cross_entropy_grad(h_c[rows] @ w_c.T, targets[rows], 1.0 / max(n, 1),
                                                keep[rows] if masked else None)

@@ -47,6 +47,26 @@ def test_masked_targets_change_neither_loss_nor_gradients(fused):
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
+def test_the_fused_loss_scores_kept_targets_in_any_chunk():
+    """Kept targets far past the first chunk (a reply late in a long batch): the fused loss and its
+    gradients still equal the plain loss's, and nothing is nan."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 300, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (4, 300))
+    keep = torch.zeros(4, 300, dtype=torch.bool)
+    keep[:, 250:] = True  # 200 kept rows, all in the last chunks of 256
+    masked = targets.masked_fill(~keep, IGNORE)
+    fused = linear_cross_entropy(h, weight, masked, chunk=64)
+    fused.backward()
+    grads = h.grad.clone(), weight.grad.clone()
+    h.grad = weight.grad = None
+    plain = F.cross_entropy((h @ weight.T).view(-1, 40), masked.view(-1))
+    plain.backward()
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert torch.allclose(grads[0], h.grad, atol=1e-6) and torch.allclose(grads[1], weight.grad, atol=1e-5)
+
+
 def test_a_trainer_trains_on_the_kept_targets_only(make_params, tmp_path):
     train_tokens, val_tokens = stories(150, seed=1), stories(30, seed=2)
     write_tokens(tmp_path / "tokens", "train", train_tokens, VOCAB)
