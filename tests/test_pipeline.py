@@ -45,7 +45,13 @@ def test_second_repro_runs_nothing_and_dag_shows_the_chain(project):
     assert edges == {("download", "subsample"), ("subsample", "clean"), ("clean", "train_tokenizer"),
                      ("clean", "tokenize"), ("train_tokenizer", "tokenize"), ("tokenize", "train"),
                      ("train", "evaluate"), ("tokenize", "evaluate"), ("train", "samples"),
-                     ("train_tokenizer", "samples")}
+                     ("train_tokenizer", "samples"),
+                     # chat fine-tuning
+                     ("clean", "chat_data"), ("chat_data", "finetune"), ("train", "finetune"),
+                     ("train_tokenizer", "finetune"), ("train", "evaluate_chat"), ("finetune", "evaluate_chat"),
+                     ("chat_data", "evaluate_chat"), ("tokenize", "evaluate_chat"),
+                     ("train_tokenizer", "evaluate_chat"), ("finetune", "chat_samples"),
+                     ("train_tokenizer", "chat_samples")}
 
 
 def test_metrics_json_has_every_metric(project):
@@ -77,11 +83,15 @@ def test_metrics_diff_shows_a_param_change(project):
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline run"], project)
     set_params(project, **{"train.lr": 1.0e-3})
-    assert ran(dvc("repro", cwd=project)) == ["train", "evaluate", "samples"]
+    assert ran(dvc("repro", cwd=project)) == ["train", "evaluate", "samples", "finetune", "evaluate_chat",
+                                              "chat_samples"]
     assert "metrics/samples.md" in json.dumps(json.loads(dvc("diff", "--json", cwd=project))["modified"])
     diff = json.loads(dvc("metrics", "diff", "--json", cwd=project))
     changed = diff["metrics/metrics.json"]
     assert changed["loss"]["diff"] != 0 and changed["top1_accuracy"]["old"] != changed["top1_accuracy"]["new"]
+    # The chat metrics of both models, side by side in the same diff.
+    chat = diff["metrics/chat.json"]
+    assert chat["base.story_loss"]["diff"] != 0 and chat["finetuned.reply_loss"]["diff"] != 0
     params_diff = json.loads(dvc("params", "diff", "--json", cwd=project))
     assert (params_diff["params.yaml"]["train.lr"]["old"], params_diff["params.yaml"]["train.lr"]["new"]) == (0.003, 0.001)
     run(["git", "checkout", "--", "."], project)
@@ -91,13 +101,15 @@ def test_metrics_diff_shows_a_param_change(project):
 def test_a_param_change_reruns_only_what_depends_on_it(project):
     before = (project / "data" / "clean" / "train.parquet").read_bytes()
     set_params(project, **{"tokenizer.vocab_size": 900})
-    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate", "samples"]
+    chat_model = ["finetune", "evaluate_chat", "chat_samples"]  # everything downstream of the base model
+    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate", "samples", *chat_model]
     assert (project / "data" / "clean" / "train.parquet").read_bytes() == before
     assert json.loads((project / "data" / "tokens" / "train.json").read_text())["vocab_size"] == 900
     set_params(project, **{"clean.min_chars": 500})
-    assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples"]
+    assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples",
+                                              "chat_data", *chat_model]
     set_params(project, **{"eval.stride": 8})
-    assert ran(dvc("repro", cwd=project)) == ["evaluate"]
+    assert ran(dvc("repro", cwd=project)) == ["evaluate", "evaluate_chat"]
 
 
 def test_rerun_from_scratch_gives_identical_artifacts(project, tmp_path):
@@ -151,3 +163,16 @@ def test_killed_training_resumes_under_dvc_repro_bit_identical(project):
     after_kill = model_hash(project)
     dvc("repro", "-f", "-s", "train", cwd=project)  # the same run, uninterrupted
     assert model_hash(project) == after_kill
+
+
+def test_a_finetune_param_reruns_only_the_chat_stages(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline run", "--allow-empty"], project)
+    set_params(project, **{"finetune.lr": 3.0e-3})
+    try:
+        assert ran(dvc("repro", cwd=project)) == ["finetune", "evaluate_chat", "chat_samples"]
+        chat = json.loads(dvc("metrics", "diff", "--json", cwd=project))["metrics/chat.json"]
+        assert "base.reply_loss" not in chat and chat["finetuned.reply_loss"]["diff"] != 0
+    finally:
+        run(["git", "checkout", "--", "."], project)
+        dvc("checkout", cwd=project)
