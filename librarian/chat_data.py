@@ -157,16 +157,24 @@ def split_opening(story: str) -> tuple[str, str] | None:
     return (opening, rest) if opening and rest else None
 
 
-def story_words(story: str) -> dict[str, list[str]] | None:
-    """The story's nouns, verbs and adjectives to ask for, or None if it lacks one of the three."""
+def story_words(story: str, within: int = 0) -> dict[str, list[str]] | None:
+    """The story's nouns, verbs and adjectives to ask for, or None if it lacks one of the three.
+
+    With `within`, only words its first `within` words mention: a model with a short context
+    writes the start of a story while the request is still in view, and learns from these
+    conversations to use the words there (parts of speech are still judged on the whole story).
+    """
     found = words.content_words(story)
+    if within:
+        head = " ".join(story.split()[:within])
+        found = {part: [lemma for lemma in lemmas if words.mentions(head, lemma)] for part, lemmas in found.items()}
     return found if all(found[part] for part in words.PARTS_OF_SPEECH) else None
 
 
-def offers(story: str) -> dict[str, object]:
+def offers(story: str, words_within: int = 0) -> dict[str, object]:
     """What the story gives each kind of request to ask for; None where it cannot carry that kind."""
-    return {"words": story_words(story), "character": main_character(story), "opening": split_opening(story),
-            "plain": story}
+    return {"words": story_words(story, words_within), "character": main_character(story),
+            "opening": split_opening(story), "plain": story}
 
 
 # --- requests -----------------------------------------------------------------------------------
@@ -272,7 +280,7 @@ def conversation_plan(stories: int, multi_turn: float, rng: np.random.Generator)
 def build_split(stories: list[str], params: ChatDataParams, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
     """The split's conversations, one row per turn, sorted by (conversation, turn), and how many
     stories could carry each kind."""
-    offered = [offers(story) for story in stories]
+    offered = [offers(story, params.words_within) for story in stories]
     can = np.array([[offer[kind] is not None for kind in REQUEST_KINDS] for offer in offered],
                    dtype=bool).reshape(-1, len(REQUEST_KINDS))  # (0, 4) for an empty split, not (0,)
     shares = np.array([getattr(params.mix, kind) for kind in REQUEST_KINDS])

@@ -115,8 +115,9 @@ def encode_conversations(tokenizer: Tokenizer, convs: list[list[Turn]]) -> ChatT
                       np.asarray(spans, dtype=np.int64).reshape(-1, 2))
 
 
-def reply_windows(chat: ChatTokens, context_length: int, stride: int) -> WindowPlan:
-    """Windows that score every reply token once, each reply's first one with its request in view."""
+def reply_windows(chat: ChatTokens, context_length: int, stride: int, first_only: bool = False) -> WindowPlan:
+    """Windows that score every reply token once, each reply's first one with its request in view;
+    with `first_only`, only those first windows."""
     if not 1 <= stride <= context_length:
         raise LibrarianError(f"finetune.stride ({stride}) must be between 1 and the model's context length "
                              f"({context_length}); lower finetune.stride")
@@ -126,7 +127,7 @@ def reply_windows(chat: ChatTokens, context_length: int, stride: int) -> WindowP
         start = max(int(conv_start), int(first) - context_length // 2)
         target = start + context_length + 1  # the first target past this window
         starts.append(start), score_from.append(first), score_to.append(min(end, target))
-        while target < end:
+        while target < end and not first_only:
             starts.append(target + stride - 1 - context_length)
             score_from.append(target), score_to.append(min(end, target + stride))
             target += stride
@@ -134,15 +135,15 @@ def reply_windows(chat: ChatTokens, context_length: int, stride: int) -> WindowP
 
 
 def chat_token_file(table: pd.DataFrame, tokenizer: Tokenizer, context_length: int, stride: int,
-                    tokenizer_sha256: str | None = None) -> TokenFile:
+                    tokenizer_sha256: str | None = None, first_only: bool = False) -> TokenFile:
     """The conversations of `table` as a TokenFile the Trainer and reply_nats take: tokens, the
-    assistant mask and the reply windows. The stream ends with a context of <|endoftext|> padding
-    (never scored), so the last reply's windows are whole."""
+    assistant mask and the reply windows (`first_only`: each reply's first window only). The stream
+    ends with a context of <|endoftext|> padding (never scored), so the last reply's windows are whole."""
     chat = encode_conversations(tokenizer, conversations(table))
     eot = tokenizer.token_to_id(EOT)
     tokens = np.concatenate([chat.tokens, np.full(context_length + 1, eot, dtype=DTYPE)])
     mask = np.concatenate([chat.loss_mask, np.zeros(context_length + 1, dtype=np.uint8)])
-    plan = reply_windows(chat, context_length, stride)
+    plan = reply_windows(chat, context_length, stride, first_only)
     digest = hashlib.sha256()
     for array in (tokens, mask, plan.starts, plan.score_from, plan.score_to):
         digest.update(array.tobytes())

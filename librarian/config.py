@@ -229,6 +229,7 @@ class RequestMix(Section):
 class ChatDataParams(Section):
     mix: RequestMix
     multi_turn: Share  # share of conversations with two turns: a first one from another story, then this story's
+    words_within: NonNegativeInt  # requested words come from the story's first N words; 0 = anywhere
 
 
 class FinetuneParams(Section):
@@ -248,6 +249,7 @@ class FinetuneParams(Section):
     weight_decay: Annotated[float, Field(ge=0)]
     grad_clip: Annotated[float, Field(ge=0)]
     stride: PositiveInt  # new reply tokens per continuation window (see librarian/chat_tokens.py)
+    reply_windows: Literal["first", "all"]  # first: only each reply's first window, the one with the request in view
 
     @model_validator(mode="after")
     def _floor_below_peak(self):

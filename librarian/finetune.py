@@ -61,8 +61,9 @@ def build_finetuner(params: Params, base_path: str | Path, chat_dir: str | Path,
     run_params = finetune_params(params, base.config)
     runtime = setup_runtime(run_params.train)
     ctx = base.config.context_length
-    train_split, val_split = (chat_token_file(read_chat(chat_dir, split), tokenizer, ctx, params.finetune.stride, sha)
-                              for split in ("train", "val"))
+    first_only = params.finetune.reply_windows == "first"
+    train_split, val_split = (chat_token_file(read_chat(chat_dir, split), tokenizer, ctx, params.finetune.stride, sha,
+                                              first_only) for split in ("train", "val"))
     return Trainer(run_params, runtime, train_split, val_split, paths, init=base, name="finetune")
 
 

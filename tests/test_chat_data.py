@@ -198,9 +198,27 @@ def test_a_single_kind_mix_gives_that_kind_wherever_a_story_carries_it(clean, tm
     only_words, _ = build_split(stories, params(tmp_path, **{"chat_data.mix": {"words": 1.0, "character": 0.0,
                                                                              "opening": 0.0, "plain": 0.0},
                                                          "chat_data.multi_turn": 0.0}).chat_data, rng_for(0, "t"))
-    carries = [offers(s)["words"] is not None for s in stories]
+    within = params(tmp_path).chat_data.words_within
+    carries = [offers(s, within)["words"] is not None for s in stories]
     assert list(only_words.sort_values("story")["kind"]) == ["words" if c else "plain" for c in carries]
     assert only_words["conversation"].nunique() == len(stories)
+
+
+@pytest.mark.parametrize("within", [12, 40])
+def test_requested_words_come_from_the_start_of_the_story_when_asked(clean, tmp_path, within):
+    """words_within: the words a model with a short context can write while it still sees the request."""
+    table, _ = build_split(clean["train"], params(tmp_path, **{"chat_data.words_within": within}).chat_data,
+                           rng_for(0, "t"))
+    asked = table[table["kind"] == "words"]
+    assert len(asked) > 10
+    for row in asked.itertuples():
+        head = " ".join(row.reply.split()[:within])
+        assert all(words.mentions(head, word) for word in row.words), (row.words, head)
+    anywhere, _ = build_split(clean["train"], params(tmp_path, **{"chat_data.words_within": 0}).chat_data,
+                              rng_for(0, "t"))
+    late = [row for row in anywhere[anywhere["kind"] == "words"].itertuples()
+            if not all(words.mentions(" ".join(row.reply.split()[:within]), w) for w in row.words)]
+    assert late, "without the limit some words come from later in the story"
 
 
 # --- the kinds a story can carry ----------------------------------------------------------------------

@@ -86,6 +86,17 @@ def test_every_reply_token_is_scored_once_and_a_first_window_sees_its_request(to
         assert first - plan.starts[window] <= TINY_CONTEXT // 2 or plan.starts[window] == conv_start
 
 
+def test_first_only_keeps_one_window_per_reply_the_one_with_its_request(tokenizer):
+    every = chat_token_file(TABLE, tokenizer, TINY_CONTEXT, TINY_CONTEXT)
+    first = chat_token_file(TABLE, tokenizer, TINY_CONTEXT, TINY_CONTEXT, first_only=True)
+    chat = encode_conversations(tokenizer, conversations(TABLE))
+    assert len(first.plan.starts) == len(chat.reply_spans) < len(every.plan.starts)
+    assert first.plan.score_from.tolist() == chat.reply_spans[:, 0].tolist()
+    kept = np.isin(every.plan.score_from, chat.reply_spans[:, 0])  # the first window of each reply, in both
+    assert every.plan.starts[kept].tolist() == first.plan.starts.tolist()
+    assert every.plan.score_to[kept].tolist() == first.plan.score_to.tolist()
+
+
 def test_a_stride_beyond_the_context_is_refused(tokenizer):
     with pytest.raises(LibrarianError, match="finetune.stride"):
         chat_token_file(TABLE, tokenizer, TINY_CONTEXT, TINY_CONTEXT + 1)
