@@ -155,6 +155,11 @@ class Ctx:
         return ["stages.chat_data", str(clean or self.world.clean), self.out("chat"), self.out("chat_data.json"),
                 "--params", self.params(**overrides)]
 
+    def finetune(self, base: Path | None = None, chat: Path | None = None, **overrides) -> list[str]:
+        return ["stages.finetune", str(base or self.world.model), str(chat or self.tmp / "chat"),
+                str(self.world.tokenizer), self.out("chat_model"), self.out("finetune"), self.out("finetune_speed"),
+                self.out("finetune_state"), "--params", self.params(**overrides)]
+
     def chat_samples(self, model: Path | None = None, **overrides) -> list[str]:
         return ["stages.chat_samples", str(model or self.world.model), str(self.world.tokenizer),
                 self.out("chat_samples.md"), "--params", self.params(**overrides)]
@@ -550,6 +555,17 @@ CASES = [
      ["comes from another tokenizer", "use the matching files"]),
     ("export/tokenizer of another vocab", lambda c: c.export(model=c.world.model_64),
      ["expects 64", "use the tokenizer the model was trained with"]),
+    # finetune: the base model, the chat conversations (more cases in tests/test_finetune.py)
+    ("finetune/no base model", lambda c: c.finetune(base=c.tmp / "model.safetensors"),
+     ["base model", "not found", "run `dvc repro train` first"]),
+    ("finetune/no chat data", lambda c: c.finetune(),
+     ["chat/train.parquet not found", "run `dvc repro chat_data` first"]),
+    ("finetune/base model of another vocab", lambda c: c.finetune(base=c.world.model_64),
+     ["expects 64", "use the tokenizer the model was trained with"]),
+    ("finetune/stride beyond the context", lambda c: c.finetune(chat=chat_folder(c), **{"finetune.stride": 999}),
+     ["finetune.stride (999)", "lower finetune.stride"]),
+    ("finetune/reply_windows unknown", lambda c: c.finetune(**{"finetune.reply_windows": "last"}),
+     ["finetune.reply_windows", "'first' or 'all'"]),
     # evaluate_chat: two models, the chat test split (more cases in tests/test_evaluate_chat.py)
     ("evaluate_chat/fine-tuned model missing", lambda c: c.evaluate_chat(chat_model=c.tmp / "nope.safetensors"),
      ["fine-tuned model", "not found", "run `dvc repro finetune`"]),
@@ -558,6 +574,17 @@ CASES = [
     ("evaluate_chat/no chat folder", lambda c: c.evaluate_chat(),
      ["chat/test.parquet not found", "dvc repro chat_data"]),
 ]
+
+
+def chat_folder(c: Ctx) -> Path:
+    """The chat_data stage's conversations of the world's clean stories, in the case's folder."""
+    from librarian.chat_data import build_chat_data
+    from librarian.config import load_params
+
+    plain_only = {"chat_data.mix.words": 0.0, "chat_data.mix.character": 0.0, "chat_data.mix.opening": 0.0,
+                  "chat_data.mix.plain": 1.0}  # the world's val and test splits hold 5 stories each
+    build_chat_data(c.world.clean, c.tmp / "chat", c.tmp / "chat_data.json", load_params(c.params(**plain_only)))
+    return c.tmp / "chat"
 
 
 @pytest.mark.parametrize("build,words", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
