@@ -102,7 +102,8 @@ def test_every_stage_survives_kills_at_random_points(built_project, tmp_path):
 # fails with ENOSPC, in the real stage process and in every library it calls. Each limit is below
 # the size of the stage's output, so the stage dies in the middle of writing it.
 WRITE_LIMITS = {"download": 1000, "subsample": 1000, "clean": 1000, "train_tokenizer": 1000, "tokenize": 1000,
-                "train": 120_000, "evaluate": 400, "samples": 1000}
+                "train": 120_000, "evaluate": 400, "samples": 1000,
+                "chat_data": 1000, "finetune": 120_000, "evaluate_chat": 400, "chat_samples": 1000}
 
 
 def _limit_file_size(limit: int):
@@ -262,8 +263,8 @@ def test_sigterm_stops_every_stage_and_export_with_one_line_and_no_temporary_fil
     for name, command in commands.items():
         remove(project, outputs[name])
         # Training takes a signal between steps and during its checkpoints only once they are whole
-        # (tests/test_train.py): here it is stopped while publishing data/model.
-        pause_on = ".model." if name == "train" else ""
+        # (tests/test_train.py): here it is stopped while publishing data/model (finetune: data/chat_model).
+        pause_on = {"train": ".model.", "finetune": ".chat_model."}.get(name, "")
         code, err, paused_at = _terminate_while_writing(project, command, tmp_path / f"{name}.paused", pause_on)
         said = _said(err)
         assert code == 143 and len(said) == 1 and said[0].startswith("error: terminated (SIGTERM); "), (name, code, err)
