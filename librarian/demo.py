@@ -1,4 +1,4 @@
-"""`librarian demo`: the whole pipeline in about a minute, offline, then the model at work.
+"""`librarian demo`: the whole pipeline in one to two minutes, offline, then the models at work.
 
 The demo runs the real pipeline (`dvc exp run`, every stage) on the real TinyStories stories
 shipped in tests/fixtures/, with the small, fast settings of demo.yaml. Nothing is downloaded, so
