@@ -17,7 +17,7 @@ import yaml
 from tests.dvc_project import dvc, make_project, ran, run
 
 QUEUE_TIMEOUT_S = 300
-RERUN = ["train", "evaluate", "samples"]
+RERUN = ["train", "evaluate", "samples", "finetune", "evaluate_chat", "chat_samples"]
 
 
 def project_processes(project: Path) -> list:
