@@ -151,8 +151,22 @@ class GPTConfig(ModelParams):
         return self.model_dump()
 
 
-class TrainParams(Section):
+class LearningRateSchedule(Section):
+    """The learning rate over a run: one schema for train and finetune."""
+
     lr: Annotated[float, Field(gt=0)]
+    schedule: Literal["constant", "cosine"]
+    warmup_steps: NonNegativeInt
+    min_lr: Annotated[float, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
+        return self
+
+
+class TrainParams(LearningRateSchedule):
     batch_size: PositiveInt
     grad_accum: PositiveInt
     amp: bool
@@ -164,9 +178,6 @@ class TrainParams(Section):
     decay_matrices_only: bool
     beta1: Annotated[float, Field(ge=0, lt=1)]
     beta2: Annotated[float, Field(ge=0, lt=1)]
-    schedule: Literal["constant", "cosine"]
-    warmup_steps: NonNegativeInt
-    min_lr: Annotated[float, Field(ge=0)]
     grad_clip: Annotated[float, Field(ge=0)]
     compile: bool
     fused_loss: bool
@@ -176,12 +187,6 @@ class TrainParams(Section):
     log_every: PositiveInt  # a train loss and lr point every this many optimizer steps
     threads: NonNegativeInt
     deterministic: bool
-
-    @model_validator(mode="after")
-    def _floor_below_peak(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
-        return self
 
 
 class EvalParams(Section):
@@ -232,14 +237,10 @@ class ChatDataParams(Section):
     words_within: NonNegativeInt  # requested words come from the story's first N words; 0 = anywhere
 
 
-class FinetuneParams(Section):
+class FinetuneParams(LearningRateSchedule):
     """The chat fine-tuning run: these keys replace train's; the rest of train (amp, device, threads,
     compile, fused_loss, betas, grad_accum, log_every, ...) applies as it is."""
 
-    lr: Annotated[float, Field(gt=0)]
-    schedule: Literal["constant", "cosine"]
-    warmup_steps: NonNegativeInt
-    min_lr: Annotated[float, Field(ge=0)]
     max_epochs: PositiveInt
     max_steps: NonNegativeInt
     max_tokens: NonNegativeInt
@@ -250,12 +251,6 @@ class FinetuneParams(Section):
     grad_clip: Annotated[float, Field(ge=0)]
     stride: PositiveInt  # new reply tokens per continuation window (see librarian/chat_tokens.py)
     reply_windows: Literal["first", "all"]  # first: only each reply's first window, the one with the request in view
-
-    @model_validator(mode="after")
-    def _floor_below_peak(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr})")
-        return self
 
 
 class EvaluateChatParams(SamplingParams):

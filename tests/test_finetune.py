@@ -146,7 +146,8 @@ def test_reply_nats_is_the_mean_over_assistant_tokens_only(tokenizer):
 # --- the finetune run ---------------------------------------------------------------------------
 
 FINETUNE = {"finetune.max_steps": 24, "finetune.batch_size": 4, "finetune.stride": TINY_CONTEXT,
-            "finetune.warmup_steps": 2, "finetune.max_epochs": 3, "train.threads": 1, "train.checkpoint_every": 2,
+            "finetune.warmup_steps": 2, "finetune.max_epochs": 3, "finetune.lr": 3.0e-3, "finetune.min_lr": 3.0e-4,
+            "finetune.reply_windows": "all", "train.threads": 1, "train.checkpoint_every": 2,
             "eval.batch_size": 8}
 
 
