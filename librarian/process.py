@@ -58,7 +58,12 @@ def _stop_while_starting(signum, frame):
     ignore_stops()
     name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
     say(f"error: {name} while starting; nothing was written, rerun the stage to start again")
-    sys.exit(exit_code(signum))
+    # Not sys.exit: unwinding through a half-done `import torch` and finalising the interpreter
+    # after it can abort in torch's C++ teardown (SIGABRT, "terminate called ..."). Nothing has
+    # been written yet, so there is nothing to unwind: leave at once.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    os._exit(exit_code(signum))
 
 
 def while_running() -> None:

@@ -454,3 +454,25 @@ def test_a_second_trainer_on_the_same_state_is_refused_naming_the_first(built_pr
         if first.poll() is None:
             first.kill()
     assert not (project / "data" / ".train_state.lock").exists()
+
+
+def test_ctrl_c_while_a_stage_imports_torch_is_one_line_and_130(built_project, tmp_path):
+    """A Ctrl-C anywhere in the second or two a stage spends importing (torch's C++ runtime included)
+    gives one line and exit 130: never a C++ abort (SIGABRT, "terminate called ...") from unwinding
+    a half-done import."""
+    project = tmp_path / "ctrl-c"
+    shutil.copytree(built_project, project, symlinks=True)
+    cmd = stage_commands(project)["train"][0]
+    outcomes = []
+    for delay in [0.1 + 0.08 * i for i in range(16)]:
+        proc = subprocess.Popen(argv(cmd), cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        said = [line for line in err.splitlines() if line.startswith("error:") or "Traceback" in line
+                or "terminate called" in line]
+        outcomes.append((round(delay, 2), proc.returncode))
+        assert proc.returncode == 130 and len(said) == 1 and said[0].startswith("error: interrupted"), \
+            (delay, proc.returncode, err)
+    print("\n(delay, exit code):", outcomes)
