@@ -34,6 +34,7 @@ from librarian.chat import ChatSession, Turn
 from librarian.chat_tokens import chat_token_file, read_chat, reply_nats
 from librarian.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
 from librarian.config import Params
+from librarian.data import TokenFile
 from librarian.errors import LibrarianError
 from librarian.evaluate import evaluate_split, in_order, round_significant
 from librarian.generate import GenerationOptions, Generator
@@ -154,11 +155,9 @@ def character_scores(requests: list[Request], replies: list[str]) -> dict:
     return {"character_recall": round_significant(named / len(requests)), "character_requests": len(requests)}
 
 
-def reply_metrics(generator: Generator, table: pd.DataFrame, params: Params) -> dict:
-    """Cross-entropy of the model over the reference replies of the test conversations."""
-    model = generator.model
-    tokens = chat_token_file(table, generator.tokenizer, model.config.context_length, params.eval.stride)
-    nats, count = reply_nats(model, tokens, params.eval.batch_size)
+def reply_metrics(generator: Generator, tokens: TokenFile, params: Params) -> dict:
+    """Cross-entropy of the model over the reference replies of the test conversations (`tokens`)."""
+    nats, count = reply_nats(generator.model, tokens, params.eval.batch_size)
     if count == 0:
         raise LibrarianError(f"the chat test split has no reply tokens to score; {REDO_CHAT_DATA}")
     loss = nats / count
@@ -204,8 +203,14 @@ def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_p
 
     # The cheap scores first: they check the token files before the long sampling starts.
     result = {name: story_metrics(generators[name], paths[name], Path(tokens_dir), params) for name in MODELS}
+    # Tokenized once per context length (both models, as fine-tuned, share one): not once per model.
+    chat_files: dict[int, TokenFile] = {}
     for name in MODELS:
-        result[name].update(reply_metrics(generators[name], table, params))
+        generator = generators[name]
+        ctx = generator.model.config.context_length
+        if ctx not in chat_files:
+            chat_files[ctx] = chat_token_file(table, generator.tokenizer, ctx, params.eval.stride)
+        result[name].update(reply_metrics(generator, chat_files[ctx], params))
     options = GenerationOptions.of(settings)
     for name in MODELS:
         generator = generators[name]
