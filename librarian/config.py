@@ -121,7 +121,7 @@ class ModelParams(Section):
     # Beyond the card, off by default:
     position: Literal["learned", "rope"]
     norm: Literal["layernorm", "rmsnorm"]
-    mlp: Literal["gelu", "swiglu"]
+    mlp: Literal["gelu", "swiglu", "relu2"]  # relu2: ReLU squared (modded-nanogpt), GELU's parameter count
     attention: Literal["manual", "sdpa"]
 
     @model_validator(mode="after")
@@ -155,9 +155,12 @@ class LearningRateSchedule(Section):
     """The learning rate over a run: one schema for train and finetune."""
 
     lr: Annotated[float, Field(gt=0)]
-    schedule: Literal["constant", "cosine"]
+    # constant; cosine (down to min_lr over the run); wsd: warmup-stable-decay, constant until the
+    # last decay_fraction of the run, then linear down to min_lr.
+    schedule: Literal["constant", "cosine", "wsd"]
     warmup_steps: NonNegativeInt
     min_lr: Annotated[float, Field(ge=0)]
+    decay_fraction: Fraction  # wsd: the share of the run's steps spent decaying
 
     @model_validator(mode="after")
     def _floor_below_peak(self):
@@ -168,6 +171,14 @@ class LearningRateSchedule(Section):
 
 class TrainParams(LearningRateSchedule):
     batch_size: PositiveInt
+    # adamw: AdamW on every parameter (the card). muon: torch.optim.Muon on the blocks' 2-D weight
+    # matrices at muon_lr, AdamW on the embeddings, norms and biases (modded-nanogpt's split).
+    optimizer: Literal["adamw", "muon"]
+    muon_lr: Annotated[float, Field(gt=0)]
+    muon_momentum: Annotated[float, Field(ge=0, lt=1)]
+    # How the weights start: gpt2 (the card: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer))
+    # or zero_proj (the same, with the projections into the residual stream at zero, as modded-nanogpt).
+    init: Literal["gpt2", "zero_proj"]
     grad_accum: PositiveInt
     amp: bool
     max_epochs: PositiveInt

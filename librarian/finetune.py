@@ -8,7 +8,8 @@ same curves), given other data and other starting weights:
 - the weights: data/model/model.safetensors, whose architecture (and context) the run keeps;
   only the dropout is the finetune section's;
 - the schedule: the `finetune` section's keys replace the same keys of `train`; everything else of
-  `train` (precision, device, threads, compile, fused loss, betas, accumulation) applies as it is.
+  `train` (precision, device, threads, compile, fused loss, betas, accumulation) applies as it is,
+  except the optimizer: fine-tuning is always AdamW (train.optimizer muon is for training from scratch).
 
 The chat val loss, on the val conversations' reply tokens, picks the best checkpoint and stops early.
 """
@@ -27,14 +28,16 @@ from librarian.tokenizer import file_sha256, load_tokenizer
 from librarian.train import Progress, Trainer, TrainPaths, run_locked
 
 # The finetune keys that replace train's; `stride` and `dropout` are the finetune run's own.
-TRAIN_KEYS = ("lr", "schedule", "warmup_steps", "min_lr", "max_epochs", "max_steps", "max_tokens", "batch_size",
+TRAIN_KEYS = ("lr", "schedule", "warmup_steps", "min_lr", "decay_fraction", "max_epochs", "max_steps", "max_tokens", "batch_size",
               "patience", "weight_decay", "grad_clip")
 
 
 def finetune_params(params: Params, base: GPTConfig) -> Params:
     """The params the Trainer runs with: train's, with finetune's keys, and the base model's architecture."""
     ft = params.finetune
-    train = TrainParams.model_validate({**params.train.model_dump(), **{k: getattr(ft, k) for k in TRAIN_KEYS}})
+    # AdamW always: finetune's lr is an AdamW lr, and train.muon_lr was tuned for training from scratch.
+    train = TrainParams.model_validate({**params.train.model_dump(), **{k: getattr(ft, k) for k in TRAIN_KEYS},
+                                        "optimizer": "adamw"})
     model = ModelParams.model_validate({**base.model_dump(exclude={"vocab_size"}), "dropout": ft.dropout})
     return params.model_copy(update={"train": train, "model": model})
 

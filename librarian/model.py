@@ -7,7 +7,7 @@ token embedding; 2 layers, 4 heads, width 128, feed-forward 256 and context 128 
 1,305,600 parameters at vocab 8000.
 
 Options beyond the card (all off by default): RoPE instead of learned positions, RMSNorm, a SwiGLU
-MLP and PyTorch's fused scaled_dot_product_attention.
+or ReLU-squared MLP and PyTorch's fused scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         self.fc = nn.Linear(config.d_model, config.d_ff)
         self.gate = nn.Linear(config.d_model, config.d_ff) if self.swiglu else None
         self.proj = nn.Linear(config.d_ff, config.d_model)
@@ -121,7 +121,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Exact (erf) GELU, as in the card and GPT-2's "gelu" in transformers.
-        h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x))
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.fc(x)
+        elif self.relu2:
+            h = F.relu(self.fc(x)).square()
+        else:
+            h = F.gelu(self.fc(x))
         return F.dropout(self.proj(h), self.dropout, self.training)
 
 
@@ -163,6 +168,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def zero_projections(self) -> None:
+        """Zero the projections into the residual stream (train.init zero_proj): every block starts
+        as the identity and the first steps shape the embedding and head (modded-nanogpt)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.zero_()
 
     def n_params(self) -> int:
         """Parameter count with the tied embedding/head counted once."""

@@ -30,13 +30,14 @@ import torch
 
 from librarian import distributed
 from librarian.checkpoint import TrainState, save_weights
-from librarian.config import Params, TrainParams
+from librarian.config import Params
 from librarian.data import TokenFile, Windows, epoch_order, load_train_val, window_nats
 from librarian.environment import describe
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
 from librarian.io import atomic_dir, remove_dir, write_json
 from librarian.model import GPT, GPTConfig
+from librarian.optimizer import build_optimizer, lr_at, set_lr
 from librarian.process import deferred_stops, lock_folder
 from librarian.progress import progress_bar
 from librarian.runtime import Runtime, setup_runtime
@@ -105,28 +106,6 @@ class Progress:
 
 
 # --- setup -------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: GPT, tp: TrainParams) -> torch.optim.AdamW:
-    """AdamW; with decay_matrices_only, biases and norm gains are not decayed."""
-    if tp.decay_matrices_only:
-        matrices = [p for p in model.parameters() if p.dim() >= 2]
-        others = [p for p in model.parameters() if p.dim() < 2]
-        groups = [{"params": matrices, "weight_decay": tp.weight_decay}, {"params": others, "weight_decay": 0.0}]
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": tp.weight_decay}]
-    return torch.optim.AdamW(groups, lr=tp.lr, betas=(tp.beta1, tp.beta2), foreach=False)
-
-
-def lr_at(step: int, tp: TrainParams, total_steps: int) -> float:
-    """Learning rate of optimizer step `step`: linear warmup, then constant or cosine to min_lr."""
-    if tp.warmup_steps and step < tp.warmup_steps:
-        return tp.lr * (step + 1) / tp.warmup_steps
-    if tp.schedule == "constant":
-        return tp.lr
-    span = max(1, total_steps - tp.warmup_steps)
-    progress = min(1.0, (step - tp.warmup_steps) / span)
-    return tp.min_lr + 0.5 * (tp.lr - tp.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def fingerprint(params: Params, metas: list[dict], init: GPT | None = None) -> str:
@@ -212,6 +191,8 @@ class Trainer:
         self.model = GPT(GPTConfig.from_params(params.model, vocab_size=train.vocab_size)).to(self.device)
         if init is not None:
             self.model.load_state_dict(init.state_dict())
+        elif self.tp.init == "zero_proj":
+            self.model.zero_projections()
         self.optimizer = build_optimizer(self.model, self.tp)
         self.scaler = runtime.grad_scaler()
         net = TrainingLoss(self.model, fused=self.tp.fused_loss, compile=self.tp.compile)
@@ -252,9 +233,7 @@ class Trainer:
     def train_step(self, order: np.ndarray) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
         p, tp = self.progress, self.tp
-        lr = lr_at(p.global_step, tp, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr_at(p.global_step, tp, self.total_steps))
         share = tp.batch_size // self.world
         first = p.step_in_epoch * tp.batch_size * tp.grad_accum
         losses = []

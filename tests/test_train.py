@@ -10,8 +10,9 @@ import torch
 
 from librarian.checkpoint import load_weights
 from librarian.errors import LibrarianError
+from librarian.optimizer import lr_at
 from librarian.process import Terminated
-from librarian.train import TrainPaths, Trainer, lr_at, train
+from librarian.train import TrainPaths, Trainer, train
 from tests.conftest import TINY_MODEL, VOCAB, stories, write_tokens
 
 @pytest.fixture
@@ -147,11 +148,16 @@ def test_early_stopping_when_val_loss_stops_improving(tiny, tokens_dir, tmp_path
     assert not all(torch.equal(best[k], last[k]) for k in best)
 
 
-@pytest.mark.parametrize("interrupt_after,checkpoint_every", [(5, 0), (23, 4), (37, 0)])
-def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interrupt_after, checkpoint_every):
+MUON_WSD = {"train.optimizer": "muon", "train.schedule": "wsd", "train.decay_fraction": 0.5, "train.init": "zero_proj"}
+
+
+@pytest.mark.parametrize("interrupt_after,checkpoint_every,options",
+                         [(5, 0, {}), (23, 4, {}), (37, 0, {}), (23, 4, MUON_WSD)])
+def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interrupt_after, checkpoint_every, options):
     """Kill training after some optimizer step, rerun: the final weights equal an uninterrupted run's."""
     # log_every 3 with checkpoints every 4 steps: states saved mid-way between two curve points.
-    params = tiny(**{"train.max_epochs": 3, "train.checkpoint_every": checkpoint_every, "train.log_every": 3})
+    params = tiny(**{"train.max_epochs": 3, "train.checkpoint_every": checkpoint_every, "train.log_every": 3,
+                     **options})
     run(params, tokens_dir, tmp_path / "straight")
 
     real_step, calls = Trainer.train_step, {"n": 0}
@@ -276,6 +282,60 @@ def test_schedule_shapes(tiny):
     assert lr_at(100, cosine, 100) == pytest.approx(1e-4)
     constant = tiny().train
     assert {lr_at(s, constant, 100) for s in (0, 50, 99)} == {constant.lr}
+    wsd = tiny(**{"train.schedule": "wsd", "train.warmup_steps": 10, "train.min_lr": 1e-4,
+                  "train.decay_fraction": 0.2}).train
+    assert lr_at(0, wsd, 100) == pytest.approx(wsd.lr / 10)
+    assert {lr_at(s, wsd, 100) for s in (9, 50, 79)} == {wsd.lr}  # stable until the last 20 steps
+    assert lr_at(89, wsd, 100) == pytest.approx(wsd.lr + (1e-4 - wsd.lr) * 10 / 20)  # linear decay
+    assert lr_at(99, wsd, 100) == pytest.approx(1e-4)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny):
+    """Muon updates exactly the blocks' 2-D weights, at muon_lr under the same schedule; AdamW the rest."""
+    from librarian.model import GPT, GPTConfig
+    from librarian.optimizer import build_optimizer, set_lr
+
+    params = tiny(**{"train.optimizer": "muon", "train.muon_lr": 0.05, "train.decay_matrices_only": True})
+    model = GPT(GPTConfig.from_params(params.model, vocab_size=VOCAB))
+    optimizer = build_optimizer(model, params.train)
+    adamw, muon = optimizer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
+    assert {"tok_emb.weight", "pos_emb.weight", "ln_f.weight", "blocks.0.attn.qkv.bias"} <= in_adamw
+    set_lr(optimizer, params.train.lr / 2)
+    assert [g["lr"] for g in muon.param_groups] == [pytest.approx(0.025)]
+    assert {g["lr"] for g in adamw.param_groups} == {params.train.lr / 2}
+
+
+def test_zero_proj_init_starts_the_residual_projections_at_zero(tiny, tokens_dir, tmp_path):
+    """init zero_proj: the projections into the residual stream are zero, every other weight as gpt2's."""
+    def weights(**options):
+        paths = TrainPaths(model=tmp_path / "m", curves=tmp_path / "c", speed=tmp_path / "s", state=tmp_path / "t")
+        from librarian.train import build_trainer
+        return dict(build_trainer(tiny(**options), tokens_dir, paths).model.named_parameters())
+
+    gpt2, zero = weights(), weights(**{"train.init": "zero_proj"})
+    projections = [n for n in gpt2 if n.endswith("proj.weight")]
+    assert len(projections) == 2 * TINY_MODEL["model.n_layer"]
+    for name in gpt2:
+        if name in projections:
+            assert not zero[name].any() and gpt2[name].any()
+        else:
+            assert torch.equal(zero[name], gpt2[name])
+
+
+def test_speedrun_options_train_and_keep_the_parameter_count(tiny, tokens_dir, tmp_path):
+    """Muon, WSD, zero_proj and the ReLU-squared MLP: training runs, learns, and n_params stays the card's formula's."""
+    options = {**MUON_WSD, "model.mlp": "relu2", "train.max_epochs": 2}
+    progress = run(tiny(**options), tokens_dir, tmp_path / "new")
+    card = run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "card")
+    assert progress.best_val_loss < math.log(VOCAB) - 0.5  # well below a uniform guess: it learns
+    summary = [json.loads((tmp_path / x / "model" / "train.json").read_text()) for x in ("new", "card")]
+    assert summary[0]["n_params"] == summary[1]["n_params"]
 
 
 def test_too_little_data_is_a_clear_error(tiny, tmp_path):
@@ -304,7 +364,8 @@ def test_train_state_round_trips_through_one_state_dict(make_params, tmp_path):
     """TrainState saves what resume needs (weights, optimizer, scaler, RNG, progress) and loads it back."""
     from librarian.checkpoint import TrainState
     from librarian.model import GPT, GPTConfig
-    from librarian.train import Progress, build_optimizer
+    from librarian.optimizer import build_optimizer
+    from librarian.train import Progress
 
     params = make_params(**TINY_MODEL)
 
