@@ -167,9 +167,13 @@ class Trainer:
     """
 
     def __init__(self, params: Params, runtime: Runtime, train: TokenFile, val: TokenFile, paths: TrainPaths,
-                 init: GPT | None = None, name: str = "train"):
+                 init: GPT | None = None, name: str = "train", after_step: Callable[[Trainer], None] | None = None):
         self.params, self.tp, self.runtime, self.paths = params, params.train, runtime, paths
         self.name = name  # the stage, as its log lines say
+        # Called after every optimizer step; it may end the run by setting progress.stop_reason
+        # (benchmarks/speedrun.py stops at a target perplexity so).
+        self.after_step = after_step
+        self.step_seconds = 0.0  # wall time inside train_step in this process: training alone
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
         self.out_dir, self.state_dir, self.live_dir, self.speed_dir = (
             Path(paths.model), Path(paths.state), Path(paths.curves), Path(paths.speed))
@@ -294,9 +298,13 @@ class Trainer:
             started, steps_before = time.perf_counter(), p.step_in_epoch
             bar.set_description(f"epoch {p.epoch + 1}/{planned_epochs}", refresh=False)
             while p.step_in_epoch < self.steps_per_epoch and not p.stop_reason:
+                step_started = time.perf_counter()
                 loss = self.train_step(order)
+                self.step_seconds += time.perf_counter() - step_started
                 p.count_step(loss, self.tokens_per_step)
                 p.stop_reason = p.cap_reached(tp.max_steps, tp.max_tokens)
+                if self.after_step:
+                    self.after_step(self)
                 if p.global_step % tp.log_every == 0:
                     self._add_point(live)
                 elapsed = time.perf_counter() - started
@@ -440,8 +448,9 @@ def run_locked(paths: TrainPaths, build: Callable[[], Trainer]) -> Progress:
         return build().run()
 
 
-def build_trainer(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Trainer:
+def build_trainer(params: Params, tokens_dir: str | Path, paths: TrainPaths,
+                  after_step: Callable[[Trainer], None] | None = None) -> Trainer:
     """setup, then data, then the Trainer: what the train stage runs (the benchmarks time the same)."""
     runtime = setup_runtime(params.train)
     train_split, val_split = load_train_val(tokens_dir)
-    return Trainer(params, runtime, train_split, val_split, paths)
+    return Trainer(params, runtime, train_split, val_split, paths, after_step=after_step)
