@@ -328,6 +328,28 @@ def test_zero_proj_init_starts_the_residual_projections_at_zero(tiny, tokens_dir
             assert torch.equal(zero[name], gpt2[name])
 
 
+def test_an_after_step_hook_sees_every_step_and_can_end_the_run(tiny, tokens_dir, tmp_path):
+    """benchmarks/speedrun.py stops at a target through this hook: it is called once per optimizer
+    step, with the step counted, and a stop_reason it sets ends the run there (outputs published)."""
+    from librarian.train import build_trainer
+
+    seen = []
+
+    def hook(trainer):
+        seen.append((trainer.progress.global_step, trainer.step_seconds))
+        if trainer.progress.global_step == 7:
+            trainer.progress.stop_reason = "target"
+
+    paths = TrainPaths(model=tmp_path / "model", curves=tmp_path / "live", speed=tmp_path / "speed",
+                       state=tmp_path / "state")
+    progress = build_trainer(tiny(**{"train.max_epochs": 5}), tokens_dir, paths, after_step=hook).run()
+    assert [step for step, _ in seen] == list(range(1, 8))
+    assert progress.stop_reason == "target" and progress.global_step == 7
+    seconds = [s for _, s in seen]
+    assert seconds[0] > 0 and all(b > a for a, b in zip(seconds, seconds[1:]))  # train_step time, accumulated
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
 def test_speedrun_options_train_and_keep_the_parameter_count(tiny, tokens_dir, tmp_path):
     """Muon, WSD, zero_proj and the ReLU-squared MLP: training runs, learns, and n_params stays the card's formula's."""
     options = {**MUON_WSD, "model.mlp": "relu2", "train.max_epochs": 2}
