@@ -8,6 +8,13 @@ token embedding; 2 layers, 4 heads, width 128, feed-forward 256 and context 128 
 
 Options beyond the card (all off by default): RoPE instead of learned positions, RMSNorm, a SwiGLU
 or ReLU-squared MLP and PyTorch's fused scaled_dot_product_attention.
+
+Dropout under torch.compile (train.compile) draws its masks from a counter-based hash instead of
+ATen's bernoulli_, which runs one Mersenne-Twister draw at a time on one core: the same Bernoulli
+masks (keep with probability 1 - p, scaled by 1 / (1 - p)), another random stream, computed inside
+the fused kernels (with sdpa, compiled training with dropout writes the attention out, as sdpa's
+math backend does, so that the attention weights' masks are hashed too). Eager runs (the card)
+keep F.dropout bit for bit.
 """
 
 from __future__ import annotations
@@ -37,6 +44,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., 0::2], x[..., 1::2]
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int32 bits (torch's >> on int32 copies the sign bit)."""
+    return (x >> n) & ((1 << (32 - n)) - 1)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective hash of 32-bit words held in int32 (xorshift-multiply, constants from Wellons'
+    hash prospector); products wrap modulo 2**32, as the vector instructions compute them."""
+    x = x ^ _shift_right(x, 16)
+    x = x * 0x21F0AAAD
+    x = x ^ _shift_right(x, 15)
+    x = x * (0xD35A2D97 - (1 << 32))  # as an int32: the same product modulo 2**32
+    return x ^ _shift_right(x, 15)
+
+
+def dropout_keep(shape: torch.Size, p: float, keys: torch.Tensor) -> torch.Tensor:
+    """Bernoulli(1 - p) keep mask of `shape` as int32 0 / 1, from two int32 keys.
+
+    Element i's random word is two rounds of _mix32 over i, keyed with keys[0] and keys[1]; its top
+    24 bits are kept when >= round(p * 2**24), the resolution of ATen's bernoulli_ (a 24-bit uniform
+    float against p). Arithmetic only, no comparison: Inductor stores a boolean mask made from an
+    int32 comparison element by element, which costs more than the hash itself.
+    """
+    index = torch.arange(math.prod(shape), dtype=torch.int32, device=keys.device).view(shape)
+    bits = _mix32(_mix32(index ^ keys[0]) ^ keys[1])
+    below = _shift_right(_shift_right(bits, 8) - round(p * 2**24), 31)  # 1 when the 24 bits < the threshold
+    return 1 - below
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, except under torch.compile, where the mask is hashed from fresh keys (drawn from
+    torch's generator, so runs stay repeatable and resumable) and the element indices: Inductor fuses
+    that into the neighbouring kernels, vectorised. ATen's bernoulli_ is a serial Mersenne Twister on
+    one core: 6.5 M draws a step at the card's size, 60 of the 225 ms of a compiled step on the 2-core
+    EPYC, against 6 ms hashed (benchmarks/train_throughput.py --profile)."""
+    if training and p > 0 and torch.compiler.is_compiling() and x.numel() < 2**31:
+        keys = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=x.device)
+        return x * dropout_keep(x.shape, p, keys).to(x.dtype) * (1.0 / (1.0 - p))
+    return F.dropout(x, p, training)
 
 
 class KVCache:
@@ -94,20 +142,22 @@ class CausalSelfAttention(nn.Module):
         # Rows are the new tokens (positions past .. past+T-1), columns every token so far. A single
         # new token may see every earlier one, so decoding steps need no mask at all.
         mask = self.mask[:, :, past : past + T, : past + T] if T > 1 else None
-        if self.fused:
-            dropout = self.dropout if self.training else 0.0
+        # Compiled training with dropout writes sdpa's maths out (as sdpa's math backend does), so
+        # that the attention weights' mask comes from dropout() above rather than from bernoulli_.
+        if self.fused and not (self.training and self.dropout > 0 and torch.compiler.is_compiling()):
+            p = self.dropout if self.training else 0.0
             if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
-            att = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training)
+            att = dropout(F.softmax(att, dim=-1), self.dropout, self.training)
             y = att @ v
         y = y.transpose(1, 2).reshape(B, T, C)
-        return F.dropout(self.proj(y), self.dropout, self.training)
+        return dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -127,7 +177,7 @@ class MLP(nn.Module):
             h = F.relu(self.fc(x)).square()
         else:
             h = F.gelu(self.fc(x))
-        return F.dropout(self.proj(h), self.dropout, self.training)
+        return dropout(self.proj(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -193,7 +243,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[past : past + T]  # rows past.. of the table: the positions' embeddings
-        x = F.dropout(x, self.config.dropout, self.training)
+        x = dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:

@@ -63,8 +63,10 @@ def build_optimizer(model: GPT, tp: TrainParams) -> torch.optim.Optimizer | Opti
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     else:
         groups = [{"params": rest, "weight_decay": tp.weight_decay}]
+    # foreach: one multi-tensor kernel per step of the update instead of a loop over the parameters;
+    # the same arithmetic in the same order, so the same weights bit for bit as foreach=False.
     adamw = torch.optim.AdamW([group | {"lr_ratio": 1.0} for group in groups], lr=tp.lr,
-                              betas=(tp.beta1, tp.beta2), foreach=False)
+                              betas=(tp.beta1, tp.beta2), foreach=True)
     if not matrices:
         return adamw
     muon = torch.optim.Muon([{"params": muon_matrices(model), "lr_ratio": tp.muon_lr / tp.lr}], lr=tp.muon_lr,

@@ -130,13 +130,13 @@ class TrainingLoss(torch.nn.Module):
 
     def __init__(self, model: GPT, fused: bool, compile: bool):
         super().__init__()
-        self.model, self.fused = model, fused
+        self.model, self.fused, self.compiled = model, fused, compile
         body = model.hidden if fused else model
         self.body = _compiled(body) if compile else body
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return linear_cross_entropy(self.body(x), self.model.lm_head.weight, y)
+            return linear_cross_entropy(self.body(x), self.model.lm_head.weight, y, compiled=self.compiled)
         return self.body(x, y)[1]
 
 
