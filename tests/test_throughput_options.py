@@ -16,23 +16,8 @@ import torch
 
 from librarian.model import dropout, dropout_keep
 from librarian.train import TrainPaths, build_trainer
-from tests.conftest import TINY_MODEL, VOCAB, stories, write_tokens
 
-
-@pytest.fixture
-def tokens_dir(tmp_path):
-    d = tmp_path / "tokens"
-    write_tokens(d, "train", stories(150, seed=1), VOCAB)
-    write_tokens(d, "val", stories(30, seed=2), VOCAB)
-    return d
-
-
-@pytest.fixture
-def tiny(make_params):
-    def make(**overrides):
-        return make_params(**{**TINY_MODEL, **overrides})
-
-    return make
+from tests.test_train import tiny, tokens_dir  # noqa: F401  (fixtures: the tiny model's params, its token files)
 
 
 KEYS = torch.tensor([0x1234567, -0x2345678], dtype=torch.int32)
