@@ -73,7 +73,10 @@ def make_tokens(corpus: Path, n_stories: int, params, work: Path) -> Path:
 def training_rate(trainer: Trainer) -> float:
     """Tokens/s of one real optimizer step (forward, backward, AdamW) of the card's config."""
     order = epoch_order(len(trainer.train_windows), 0, 0)
-    trainer.progress.step_in_epoch = (trainer.progress.step_in_epoch + 1) % trainer.steps_per_epoch
+    p = trainer.progress
+    p.windows_in_epoch += trainer.step_windows()  # the next batch of the epoch, or its first one again
+    if not trainer.epoch_has_room():
+        p.windows_in_epoch = 0
     start = time.perf_counter()
     trainer.train_step(order)
     return trainer.tokens_per_step / (time.perf_counter() - start)

@@ -159,7 +159,7 @@ def run_recipe(name: str, params: Params, tokens_dir: Path, work: Path, args) ->
         "val_perplexity": reached["val"]["perplexity"] if reached else min(c["val_perplexity"] for c in watch.checks),
         "test": reached["test"] if reached else None,
         "test_confirms": bool(reached) and reached["test"]["perplexity"] <= args.target,
-        "planned_tokens": trainer.total_steps * trainer.tokens_per_step,
+        "planned_tokens": trainer.plan.tokens,
         "tokens_per_s": round(trainer.progress.tokens_seen / trainer.step_seconds) if trainer.step_seconds else None,
         "eval_s": round(watch.eval_s, 1),
         "wall_s": round(time.perf_counter() - started, 1),

@@ -208,8 +208,11 @@ class Run:
     def step(self) -> float:
         """One optimizer step through Trainer.train_step, then the loop's bookkeeping."""
         trainer, p = self.trainer, self.trainer.progress
+        windows = trainer.step_windows()
         loss = trainer.train_step(self.order)
-        p.step_in_epoch = (p.step_in_epoch + 1) % trainer.steps_per_epoch
+        p.windows_in_epoch += windows
+        if not trainer.epoch_has_room():  # the next epoch: the same window order again
+            p.windows_in_epoch = 0
         p.global_step += 1
         return loss
 

@@ -171,6 +171,10 @@ class LearningRateSchedule(Section):
 
 class TrainParams(LearningRateSchedule):
     batch_size: PositiveInt
+    # Batch-size warmup (librarian/batches.py): over the first batch_warmup_tokens training tokens the
+    # batch grows linearly from batch_start to batch_size, in multiples of batch_start; 0 = off.
+    batch_start: PositiveInt
+    batch_warmup_tokens: NonNegativeInt
     # adamw: AdamW on every parameter (the card). muon: torch.optim.Muon on the blocks' 2-D weight
     # matrices at muon_lr, AdamW on the embeddings, norms and biases (modded-nanogpt's split).
     optimizer: Literal["adamw", "muon"]
@@ -198,6 +202,13 @@ class TrainParams(LearningRateSchedule):
     log_every: PositiveInt  # a train loss and lr point every this many optimizer steps
     threads: NonNegativeInt
     deterministic: bool
+
+    @model_validator(mode="after")
+    def _batch_warmup_in_whole_steps(self):
+        if self.batch_warmup_tokens and (self.batch_start > self.batch_size or self.batch_size % self.batch_start):
+            raise ValueError(f"batch_start ({self.batch_start}) must divide batch_size ({self.batch_size}): the batch "
+                             "warmup grows in multiples of batch_start; e.g. batch_start 8 for batch_size 32")
+        return self
 
 
 class EvalParams(Section):

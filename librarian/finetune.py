@@ -36,8 +36,9 @@ def finetune_params(params: Params, base: GPTConfig) -> Params:
     """The params the Trainer runs with: train's, with finetune's keys, and the base model's architecture."""
     ft = params.finetune
     # AdamW always: finetune's lr is an AdamW lr, and train.muon_lr was tuned for training from scratch.
+    # No batch warmup: it is for the first steps from random weights, and finetune has its own batch.
     train = TrainParams.model_validate({**params.train.model_dump(), **{k: getattr(ft, k) for k in TRAIN_KEYS},
-                                        "optimizer": "adamw"})
+                                        "optimizer": "adamw", "batch_warmup_tokens": 0})
     model = ModelParams.model_validate({**base.model_dump(exclude={"vocab_size"}), "dropout": ft.dropout})
     return params.model_copy(update={"train": train, "model": model})
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from librarian import distributed
+from librarian.batches import batch_at, cap_reason, plan_run
 from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params
 from librarian.data import TokenFile, Windows, epoch_order, load_train_val, window_nats
@@ -53,6 +54,7 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    windows_in_epoch: int = 0  # training windows those steps took (the next batch starts there)
     global_step: int = 0
     tokens_seen: int = 0
     epoch_loss_sum: float = 0.0  # running train loss of the current epoch
@@ -69,9 +71,10 @@ class Progress:
     point_loss_sum: float = 0.0
     point_loss_count: int = 0
 
-    def count_step(self, loss: float, tokens: int) -> None:
-        """One optimizer step done, on `tokens` tokens, at train loss `loss`."""
+    def count_step(self, loss: float, tokens: int, windows: int) -> None:
+        """One optimizer step done, on `windows` windows of `tokens` tokens, at train loss `loss`."""
         self.step_in_epoch += 1
+        self.windows_in_epoch += windows
         self.global_step += 1
         self.tokens_seen += tokens
         self.epoch_loss_sum += loss
@@ -81,11 +84,7 @@ class Progress:
 
     def cap_reached(self, max_steps: int, max_tokens: int) -> str:
         """Why training must stop now ("max_steps", "max_tokens"), or "" (0 = no cap)."""
-        if max_steps and self.global_step >= max_steps:
-            return "max_steps"
-        if max_tokens and self.tokens_seen >= max_tokens:
-            return "max_tokens"
-        return ""
+        return cap_reason(self.global_step, self.tokens_seen, max_steps, max_tokens)
 
     def end_epoch(self, val_loss: float, patience: int) -> bool:
         """Close the epoch with its validation loss; True when it is the best so far.
@@ -101,7 +100,7 @@ class Progress:
             if self.bad_epochs >= patience and not self.stop_reason:
                 self.stop_reason = "early_stopping"
         self.epoch += 1
-        self.step_in_epoch, self.epoch_loss_sum, self.epoch_loss_count = 0, 0.0, 0
+        self.step_in_epoch, self.windows_in_epoch, self.epoch_loss_sum, self.epoch_loss_count = 0, 0, 0.0, 0
         return improved
 
 
@@ -182,15 +181,16 @@ class Trainer:
         ctx = params.model.context_length
         self.train_windows = Windows(train.tokens, ctx, self.tp.stride, train.loss_mask, train.plan)
         self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask, val.plan)
-        if self.tp.batch_size % self.world:
-            raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) must be divisible by the {self.world} processes")
+        if self.tp.batch_size % self.world or (self.tp.batch_warmup_tokens and self.tp.batch_start % self.world):
+            raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) and, with a batch warmup, train.batch_start "
+                                 f"({self.tp.batch_start}) must be divisible by the {self.world} processes")
         self.steps_per_epoch = len(self.train_windows) // (self.tp.batch_size * self.tp.grad_accum)
         if self.steps_per_epoch == 0:
             raise LibrarianError(
                 f"the train split has {len(self.train_windows)} windows, fewer than one optimizer step "
                 f"(train.batch_size x train.grad_accum = {self.tp.batch_size * self.tp.grad_accum}); use more data or a smaller batch"
             )
-        self.tokens_per_step = self.tp.batch_size * self.tp.grad_accum * ctx
+        self.tokens_per_step = self.tp.batch_size * self.tp.grad_accum * ctx  # after any batch warmup
         torch.manual_seed(params.seed)
         self.model = GPT(GPTConfig.from_params(params.model, vocab_size=train.vocab_size)).to(self.device)
         if init is not None:
@@ -202,15 +202,8 @@ class Trainer:
         net = TrainingLoss(self.model, fused=self.tp.fused_loss, compile=self.tp.compile)
         self.net = distributed.wrap(net, self.device, self.world)
         self.progress = Progress()
-        self.total_steps = self._planned_steps()
-
-    def _planned_steps(self) -> int:
-        steps = self.steps_per_epoch * self.tp.max_epochs
-        if self.tp.max_steps:
-            steps = min(steps, self.tp.max_steps)
-        if self.tp.max_tokens:
-            steps = min(steps, math.ceil(self.tp.max_tokens / self.tokens_per_step))
-        return steps
+        self.plan = plan_run(len(self.train_windows), self.tp, ctx)
+        self.total_steps = self.plan.steps
 
     # --- checkpoints ---
 
@@ -234,15 +227,24 @@ class Trainer:
 
     # --- steps ---
 
+    def step_windows(self) -> int:
+        """The windows the next optimizer step takes: its batch (train.batch_size, or the batch
+        warmup's at the tokens seen so far) times grad_accum."""
+        return batch_at(self.progress.tokens_seen, self.tp) * self.tp.grad_accum
+
+    def epoch_has_room(self) -> bool:
+        """Whether the next step's batch fits in what is left of this epoch's windows."""
+        return self.progress.windows_in_epoch + self.step_windows() <= len(self.train_windows)
+
     def train_step(self, order: np.ndarray) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
         p, tp = self.progress, self.tp
         set_lr(self.optimizer, lr_at(p.global_step, tp, self.total_steps))
-        share = tp.batch_size // self.world
-        first = p.step_in_epoch * tp.batch_size * tp.grad_accum
+        batch = batch_at(p.tokens_seen, tp)
+        share = batch // self.world
         losses = []
         for micro in range(tp.grad_accum):
-            start = first + micro * tp.batch_size + self.rank * share
+            start = p.windows_in_epoch + micro * batch + self.rank * share
             x, y = (t.to(self.device) for t in self.train_windows.batch(order[start : start + share]))
             sync = micro == tp.grad_accum - 1 or self.world == 1
             with self._no_sync(not sync), self.runtime.autocast():
@@ -269,9 +271,9 @@ class Trainer:
 
     def run(self) -> Progress:
         self.resume()
-        p, tp = self.progress, self.tp
+        p = self.progress
         live = _Curves(self.live_dir, self.speed_dir, p) if self.rank == 0 else None
-        planned_epochs = min(tp.max_epochs, math.ceil(self.total_steps / self.steps_per_epoch))
+        planned_epochs = self.plan.epochs
         # One bar for the whole run, to the planned steps (max_steps, max_tokens); early stopping ends it sooner.
         bar = progress_bar(self.total_steps, p.global_step, f"epoch {p.epoch + 1}/{planned_epochs}",
                            disable=self.rank != 0)
@@ -295,13 +297,14 @@ class Trainer:
         p, tp = self.progress, self.tp
         while p.epoch < tp.max_epochs and not p.stop_reason:
             order = epoch_order(len(self.train_windows), self.params.seed, p.epoch)
-            started, steps_before = time.perf_counter(), p.step_in_epoch
+            started, tokens_before = time.perf_counter(), p.tokens_seen
             bar.set_description(f"epoch {p.epoch + 1}/{planned_epochs}", refresh=False)
-            while p.step_in_epoch < self.steps_per_epoch and not p.stop_reason:
+            while self.epoch_has_room() and not p.stop_reason:
+                windows = self.step_windows()
                 step_started = time.perf_counter()
                 loss = self.train_step(order)
                 self.step_seconds += time.perf_counter() - step_started
-                p.count_step(loss, self.tokens_per_step)
+                p.count_step(loss, windows * self.params.model.context_length, windows)
                 p.stop_reason = p.cap_reached(tp.max_steps, tp.max_tokens)
                 if self.after_step:
                     self.after_step(self)
@@ -309,7 +312,7 @@ class Trainer:
                     self._add_point(live)
                 elapsed = time.perf_counter() - started
                 # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not every step.
-                tokens_per_s = (p.step_in_epoch - steps_before) * self.tokens_per_step / elapsed
+                tokens_per_s = (p.tokens_seen - tokens_before) / elapsed
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 bar.update(1)
                 if stop and not p.stop_reason:
@@ -320,11 +323,11 @@ class Trainer:
                     stop.raise_now()
                 if tp.checkpoint_every and p.global_step % tp.checkpoint_every == 0 and not p.stop_reason:
                     p.elapsed_s += time.perf_counter() - started
-                    started, steps_before = time.perf_counter(), p.step_in_epoch
+                    started, tokens_before = time.perf_counter(), p.tokens_seen
                     self.checkpoint()
             epoch_s = time.perf_counter() - started
             p.elapsed_s += epoch_s
-            self._end_epoch((p.step_in_epoch - steps_before) * self.tokens_per_step / max(epoch_s, 1e-9), live)
+            self._end_epoch((p.tokens_seen - tokens_before) / max(epoch_s, 1e-9), live)
             stop.raise_now()  # a stop during validation: _end_epoch has just saved the state
 
     def _add_point(self, live) -> None:
@@ -361,7 +364,8 @@ class Trainer:
         """Publish the best and last weights and a summary as the stage's outputs; drop the state."""
         if self.rank == 0:
             p = self.progress
-            running = ("history", "points", "elapsed_s", "step_in_epoch", "epoch_loss_sum", "epoch_loss_count",
+            running = ("history", "points", "elapsed_s", "step_in_epoch", "windows_in_epoch", "epoch_loss_sum",
+                       "epoch_loss_count",
                        "point_loss_sum", "point_loss_count")
             summary = {k: v for k, v in asdict(p).items() if k not in running}
             summary.update(n_params=self.model.n_params(), steps_per_epoch=self.steps_per_epoch,

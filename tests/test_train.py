@@ -149,10 +149,13 @@ def test_early_stopping_when_val_loss_stops_improving(tiny, tokens_dir, tmp_path
 
 
 MUON_WSD = {"train.optimizer": "muon", "train.schedule": "wsd", "train.decay_fraction": 0.5, "train.init": "zero_proj"}
+# The tiny data's epoch is ~1,900 tokens: the batch grows 2, 4, 6, 8 over most of the first one.
+BATCH_WARMUP = {"train.batch_start": 2, "train.batch_warmup_tokens": 1500}
 
 
 @pytest.mark.parametrize("interrupt_after,checkpoint_every,options",
-                         [(5, 0, {}), (23, 4, {}), (37, 0, {}), (23, 4, MUON_WSD)])
+                         [(5, 0, {}), (23, 4, {}), (37, 0, {}), (23, 4, MUON_WSD), (13, 5, BATCH_WARMUP),
+                          (60, 0, BATCH_WARMUP)])
 def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interrupt_after, checkpoint_every, options):
     """Kill training after some optimizer step, rerun: the final weights equal an uninterrupted run's."""
     # log_every 3 with checkpoints every 4 steps: states saved mid-way between two curve points.
@@ -179,8 +182,11 @@ def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interr
     # The curves, per-step points included, are replayed from the saved state: the same files.
     straight, again = (files_under(tmp_path / x / "live") for x in ("straight", "resumed"))
     assert straight == again and len(straight) == 5  # four curves and metrics.json
-    assert resumed.global_step == 3 * resumed.history[0]["step"]
-    assert list(curve(tmp_path / "resumed" / "live", "train_loss")) == [*range(3, resumed.global_step + 1, 3)]
+    assert len(resumed.history) == 3 and resumed.global_step == resumed.history[-1]["step"]
+    if not options:  # three epochs of the same steps (a batch warmup makes the first one longer)
+        assert resumed.global_step == 3 * resumed.history[0]["step"]
+    last = [resumed.global_step] if resumed.global_step % 3 else []  # a point at the last step too
+    assert list(curve(tmp_path / "resumed" / "live", "train_loss")) == [*range(3, resumed.global_step + 1, 3), *last]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -272,6 +278,47 @@ def test_grad_accum_and_options_run(tiny, tokens_dir, tmp_path):
                "train.max_epochs": 1, "train.fused_loss": True}
     progress = run(tiny(**options), tokens_dir, tmp_path)
     assert math.isfinite(progress.best_val_loss)
+
+
+def test_batch_warmup_grows_the_batch_in_multiples_of_batch_start(tiny):
+    from librarian.batches import batch_at
+
+    tp = tiny(**{"train.batch_size": 32, "train.batch_start": 8, "train.batch_warmup_tokens": 3000}).train
+    sizes = {tokens: batch_at(tokens, tp) for tokens in (0, 999, 1000, 1999, 2000, 2999, 3000, 10**9)}
+    assert sizes == {0: 8, 999: 8, 1000: 16, 1999: 16, 2000: 24, 2999: 24, 3000: 32, 10**9: 32}
+    off = tiny(**{"train.batch_size": 32}).train
+    assert off.batch_warmup_tokens == 0 and {batch_at(t, off) for t in (0, 5, 10**9)} == {32}
+    with pytest.raises(LibrarianError, match=r"batch_start \(12\) must divide batch_size \(32\)"):
+        tiny(**{"train.batch_size": 32, "train.batch_start": 12, "train.batch_warmup_tokens": 3000})
+
+
+@pytest.mark.parametrize("caps", [{}, {"train.max_steps": 7}, {"train.max_steps": 1000},
+                                  {"train.max_tokens": 3333}, {"train.max_tokens": 10**6}, {"train.max_epochs": 1}])
+@pytest.mark.parametrize("options", [{}, BATCH_WARMUP, {**BATCH_WARMUP, "train.batch_warmup_tokens": 5000},
+                                     {"train.grad_accum": 2, "train.batch_size": 4}])
+def test_the_planned_steps_and_tokens_are_the_ones_the_loop_takes(tiny, tokens_dir, tmp_path, caps, options):
+    """plan_run (the lr schedule's and the progress bar's total) against a real run's steps, tokens
+    and epochs, per step: the batch warmup's growing batches, epoch ends and caps included."""
+    from librarian.batches import batch_at
+    from librarian.train import build_trainer
+
+    taken = []
+
+    def hook(trainer):
+        taken.append(trainer.progress.tokens_seen)
+
+    params = tiny(**{"train.max_epochs": 3, "train.patience": 10, "model.dropout": 0.0, **options, **caps})
+    paths = TrainPaths(model=tmp_path / "model", curves=tmp_path / "live", speed=tmp_path / "speed",
+                       state=tmp_path / "state")
+    trainer = build_trainer(params, tokens_dir, paths, after_step=hook)
+    plan = trainer.plan
+    progress = trainer.run()
+    assert (progress.global_step, progress.tokens_seen, progress.epoch) == (plan.steps, plan.tokens, plan.epochs)
+    ctx, accum = params.model.context_length, params.train.grad_accum
+    batches = [(b - a) // (ctx * accum) for a, b in zip([0, *taken], taken)]
+    assert batches == [batch_at(tokens, params.train) for tokens in [0, *taken[:-1]]]
+    if params.train.batch_warmup_tokens and not caps:
+        assert sorted(set(batches)) == [2, 4, 6, 8] and batches == sorted(batches)
 
 
 def test_schedule_shapes(tiny):
@@ -423,8 +470,9 @@ def test_progress_counts_steps_and_caps():
 
     p = Progress()
     for loss in (4.0, 3.0):
-        p.count_step(loss, tokens=100)
-    assert (p.global_step, p.step_in_epoch, p.tokens_seen, p.epoch_loss_sum, p.point_loss_count) == (2, 2, 200, 7.0, 2)
+        p.count_step(loss, tokens=100, windows=4)
+    assert (p.global_step, p.step_in_epoch, p.windows_in_epoch, p.tokens_seen, p.epoch_loss_sum,
+            p.point_loss_count) == (2, 2, 8, 200, 7.0, 2)
     assert p.cap_reached(max_steps=0, max_tokens=0) == ""
     assert p.cap_reached(max_steps=2, max_tokens=0) == "max_steps"
     assert p.cap_reached(max_steps=3, max_tokens=150) == "max_tokens"
