@@ -1,11 +1,13 @@
 """DVC experiments on the pipeline: `dvc exp run -S`, the queue, `exp show`, `metrics/params/plots diff`, `exp apply`.
 
 One temporary git+dvc copy of the project (tests/dvc_project.py) for the whole module: the baseline
-is reproduced and committed once; each experiment only changes train.lr, so it reruns train,
-evaluate and samples, and the data stages come from the cache.
+is the session's reproduced fixture project (conftest.built_project), copied and committed once;
+each experiment only changes train.lr, so it reruns train, evaluate and samples, and the data
+stages come from the cache.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_project import dvc, make_project, ran, run
+from tests.dvc_project import dvc, ran, run
 
 QUEUE_TIMEOUT_S = 300
 RERUN = ["train", "evaluate", "samples", "finetune", "evaluate_chat", "chat_samples"]
@@ -46,9 +48,11 @@ def stop_the_queue(project: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("experiments"))
-    dvc("repro", cwd=project)
+def project(built_project, tmp_path_factory):
+    """A copy of the session's reproduced fixture project (its cache and run-cache included), the run committed."""
+    project = tmp_path_factory.mktemp("experiments") / "project"
+    shutil.copytree(built_project, project, symlinks=True)
+    assert ran(dvc("repro", cwd=project)) == []  # the copy is the reproduced baseline, up to date
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline run"], project)
     yield project

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, make_project, ran, run
+from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, ran, run
 
 
 @pytest.fixture(scope="module")
-def machine_one(tmp_path_factory):
+def machine_one(built_project, tmp_path_factory):
     """Machine one: repro, commit dvc.lock, push (run-cache included) to a local-directory remote."""
     base = tmp_path_factory.mktemp("remote")
-    project = make_project(base / "one")
-    dvc("repro", cwd=project)
+    project = base / "one"
+    shutil.copytree(built_project, project, symlinks=True)  # the session's `dvc repro` of the fixture project
+    assert ran(dvc("repro", cwd=project)) == []
     dvc("remote", "add", "-d", "storage", str(base / "storage"), cwd=project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "run"], project)

@@ -9,6 +9,7 @@ throwaway key and its own sshd_config in a temporary folder; DVC talks to it thr
 import getpass
 import importlib.util
 import json
+import shutil
 import socket
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import dvc, files_under, lock_outputs, make_project, ran, run
+from tests.dvc_project import dvc, files_under, lock_outputs, ran, run
 
 SSHD = Path("/usr/sbin/sshd")  # an absolute path: sshd re-executes itself and refuses a relative one
 PRIVSEP_DIR = Path("/run/sshd")  # sshd exits without it; the Debian service makes it, a bare sshd does not
@@ -92,13 +93,14 @@ def sshd(tmp_path_factory):
             server.wait(timeout=10)
 
 
-def test_push_then_pull_over_ssh_into_a_fresh_clone(sshd, tmp_path, monkeypatch):
+def test_push_then_pull_over_ssh_into_a_fresh_clone(sshd, built_project, tmp_path, monkeypatch):
     user, port, key, log = sshd
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # the throwaway key only, never a developer's agent
     storage = tmp_path / "remote"  # the remote's folder, reached only through sshd
 
-    one = make_project(tmp_path / "one")
-    dvc("repro", cwd=one)
+    one = tmp_path / "one"
+    shutil.copytree(built_project, one, symlinks=True)  # the session's `dvc repro` of the fixture project
+    assert ran(dvc("repro", cwd=one)) == []
     dvc("remote", "add", "-d", "storage", f"ssh://{user}@127.0.0.1:{port}{storage}", cwd=one)
     dvc("remote", "modify", "--local", "storage", "keyfile", str(key), cwd=one)  # a path on this machine only
     run(["git", "add", "-A"], one)
