@@ -57,14 +57,14 @@ BEST_SHORT = {
     "train.fused_loss": True, "train.compile": True, "train.threads": 1, "train.max_tokens": 8_000_000,
 }
 # The speedrun recipe (README "Speedrun"): Muon on the blocks' matrices, warmup-stable-decay, the
-# batch grown from 8 to 32 over the first 2 M tokens, 3 M tokens. The sweep behind it (3 M tokens
+# batch grown from 8 to 32 over the first 1 M tokens, 3 M tokens. The sweep behind it (3 M tokens
 # each, `dvc exp show`) is in README "Speedrun". Its
 # execution is the fastest for its model in benchmarks/train_throughput.py: manual attention
 # (Inductor compiles it; PyTorch's CPU sdpa backward is slower) on both cores.
 SPEEDRUN = BEST_SHORT | {
     "model.attention": "manual", "train.threads": 2,
     "train.optimizer": "muon", "train.muon_lr": 0.01, "train.schedule": "wsd", "train.decay_fraction": 0.3,
-    "train.warmup_steps": 100, "train.batch_start": 8, "train.batch_warmup_tokens": 2_000_000,
+    "train.warmup_steps": 100, "train.batch_start": 8, "train.batch_warmup_tokens": 1_000_000,
     "train.max_tokens": 3_000_000,
 }
 RECIPES = {"best_short": BEST_SHORT, "speedrun": SPEEDRUN}
