@@ -76,6 +76,16 @@ def make_project(dest: Path, tiny: bool = True) -> Path:
     return dest
 
 
+def copy_built(built: Path, dest: Path, up_to_date: bool = False) -> Path:
+    """A copy of the session's reproduced fixture project (conftest.built_project), its cache and
+    run-cache included: tests change the copy, never the shared original. With `up_to_date`, checks
+    that the copy is the reproduced baseline (`dvc repro` reruns nothing), for tests that build on it."""
+    shutil.copytree(built, dest, symlinks=True)
+    if up_to_date:
+        assert ran(dvc("repro", cwd=dest)) == []
+    return dest
+
+
 def lock_outputs(project: Path) -> dict:
     """Every output path in dvc.lock and its md5."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())

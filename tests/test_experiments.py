@@ -7,7 +7,6 @@ stages come from the cache.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_project import dvc, ran, run
+from tests.dvc_project import copy_built, dvc, ran, run
 
 QUEUE_TIMEOUT_S = 300
 RERUN = ["train", "evaluate", "samples", "finetune", "evaluate_chat", "chat_samples"]
@@ -51,8 +50,7 @@ def stop_the_queue(project: Path) -> None:
 def project(built_project, tmp_path_factory):
     """A copy of the session's reproduced fixture project (its cache and run-cache included), the run committed."""
     project = tmp_path_factory.mktemp("experiments") / "project"
-    shutil.copytree(built_project, project, symlinks=True)
-    assert ran(dvc("repro", cwd=project)) == []  # the copy is the reproduced baseline, up to date
+    copy_built(built_project, project, up_to_date=True)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline run"], project)
     yield project

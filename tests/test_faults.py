@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, set_params, tool_env
+from tests.dvc_project import STAGES, copy_built, dvc, files_under, lock_outputs, set_params, tool_env
 
 SEED = 20261124
 TRIALS_PER_STAGE = 2  # one SIGKILL, one SIGINT, in random order, at random delays
@@ -57,7 +57,7 @@ def start(project: Path, cmd: str) -> subprocess.Popen:
 
 def test_every_stage_survives_kills_at_random_points(built_project, tmp_path):
     project = tmp_path / "faults"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     baseline = lock_outputs(built_project)
     whole = {p: files_under(built_project, p) for _, outs in stage_commands(project).values() for p in outs}
     # Checkpoints within the epoch, so a kill during training leaves a state to resume from. The
@@ -118,7 +118,7 @@ def _limit_file_size(limit: int):
 
 def test_a_full_disk_stops_every_stage_with_one_line_and_no_output(built_project, tmp_path):
     project = tmp_path / "full"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     dvc("status", cwd=project)  # DVC's own state database (dvclive opens it) exists before the disk fills
     for name, (cmd, outs) in stage_commands(project).items():
         remove(project, outs)
@@ -255,7 +255,7 @@ def _said(err: str) -> list[str]:
 
 def test_sigterm_stops_every_stage_and_export_with_one_line_and_no_temporary_files(built_project, tmp_path):
     project = tmp_path / "term"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     commands = {name: argv(cmd)[2:] for name, (cmd, _) in stage_commands(project).items()}  # after "python -m"
     commands["librarian export"] = ["librarian.cli", "export", "export/hf", "--model", "data/model/model.safetensors",
                                     "--tokenizer", "data/tokenizer.json"]
@@ -284,7 +284,7 @@ def test_the_next_run_removes_temporary_files_a_kill_left(built_project, tmp_pat
     """kill -9 leaves a temporary sibling (`data/.tokens.abc123.tmp`) that no clean-up ran for: the
     next run of the stage removes it. Files the user made beside it, under other names, stay."""
     project = tmp_path / "left"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     out = project / output
     stale = [out.with_name(f".{out.name}.abc123.tmp"), out.with_name(f".{out.name}.x_9.tmp")]
     for path in stale:
@@ -326,7 +326,7 @@ def test_sigterm_to_dvc_repro_during_training_leaves_no_orphan_and_the_next_repr
     `/bin/sh -c CMD`, and dash forks CMD: the shell outlives DVC and waits for a training that goes on,
     and which the next `dvc repro` would start again beside. The stage must stop with its launcher."""
     project = tmp_path / "orphan"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     set_params(project, **{"train.max_steps": 300, "train.checkpoint_every": 5})
     env = {k: v for k, v in tool_env().items() if k != "SHELL"}
     state = project / "data" / "train_state" / "state.pt"
@@ -422,7 +422,7 @@ def test_a_stage_whose_parent_died_before_it_could_watch_stops(tmp_path):
 
 def test_a_second_trainer_on_the_same_state_is_refused_naming_the_first(built_project, tmp_path):
     project = tmp_path / "two"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     set_params(project, **{"train.max_steps": 2000, "train.max_epochs": 10, "train.checkpoint_every": 5})
     cmd, outs = stage_commands(project)["train"]
     remove(project, outs)
@@ -461,7 +461,7 @@ def test_ctrl_c_while_a_stage_imports_torch_is_one_line_and_130(built_project, t
     gives one line and exit 130: never a C++ abort (SIGABRT, "terminate called ...") from unwinding
     a half-done import."""
     project = tmp_path / "ctrl-c"
-    shutil.copytree(built_project, project, symlinks=True)
+    copy_built(built_project, project)
     cmd = stage_commands(project)["train"][0]
     outcomes = []
     for delay in [0.1 + 0.08 * i for i in range(16)]:

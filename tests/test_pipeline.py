@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dvc_project import dvc, make_project, ran, run, set_params, tool_env
+from tests.dvc_project import copy_built, dvc, make_project, ran, run, set_params, tool_env
 
 
 @pytest.fixture(scope="module")
 def project(built_project, tmp_path_factory):
-    project = tmp_path_factory.mktemp("e2e") / "project"
-    shutil.copytree(built_project, project, symlinks=True)
-    return project
+    return copy_built(built_project, tmp_path_factory.mktemp("e2e") / "project")
 
 
 def test_repro_builds_every_artifact(project):

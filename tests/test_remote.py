@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import STAGES, dvc, files_under, lock_outputs, ran, run
+from tests.dvc_project import STAGES, copy_built, dvc, files_under, lock_outputs, ran, run
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,7 @@ def machine_one(built_project, tmp_path_factory):
     """Machine one: repro, commit dvc.lock, push (run-cache included) to a local-directory remote."""
     base = tmp_path_factory.mktemp("remote")
     project = base / "one"
-    shutil.copytree(built_project, project, symlinks=True)  # the session's `dvc repro` of the fixture project
-    assert ran(dvc("repro", cwd=project)) == []
+    copy_built(built_project, project, up_to_date=True)
     dvc("remote", "add", "-d", "storage", str(base / "storage"), cwd=project)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "run"], project)

@@ -9,7 +9,6 @@ throwaway key and its own sshd_config in a temporary folder; DVC talks to it thr
 import getpass
 import importlib.util
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import dvc, files_under, lock_outputs, ran, run
+from tests.dvc_project import copy_built, dvc, files_under, lock_outputs, ran, run
 
 SSHD = Path("/usr/sbin/sshd")  # an absolute path: sshd re-executes itself and refuses a relative one
 PRIVSEP_DIR = Path("/run/sshd")  # sshd exits without it; the Debian service makes it, a bare sshd does not
@@ -99,8 +98,7 @@ def test_push_then_pull_over_ssh_into_a_fresh_clone(sshd, built_project, tmp_pat
     storage = tmp_path / "remote"  # the remote's folder, reached only through sshd
 
     one = tmp_path / "one"
-    shutil.copytree(built_project, one, symlinks=True)  # the session's `dvc repro` of the fixture project
-    assert ran(dvc("repro", cwd=one)) == []
+    copy_built(built_project, one, up_to_date=True)
     dvc("remote", "add", "-d", "storage", f"ssh://{user}@127.0.0.1:{port}{storage}", cwd=one)
     dvc("remote", "modify", "--local", "storage", "keyfile", str(key), cwd=one)  # a path on this machine only
     run(["git", "add", "-A"], one)

@@ -401,7 +401,7 @@ def test_speedrun_options_train_and_keep_the_parameter_count(tiny, tokens_dir, t
     """Muon, WSD, zero_proj and the ReLU-squared MLP: training runs, learns, and n_params stays the card's formula's."""
     options = {**MUON_WSD, "model.mlp": "relu2", "train.max_epochs": 2}
     progress = run(tiny(**options), tokens_dir, tmp_path / "new")
-    card = run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "card")
+    run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "card")
     assert progress.best_val_loss < math.log(VOCAB) - 0.5  # well below a uniform guess: it learns
     summary = [json.loads((tmp_path / x / "model" / "train.json").read_text()) for x in ("new", "card")]
     assert summary[0]["n_params"] == summary[1]["n_params"]
