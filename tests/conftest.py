@@ -1,5 +1,6 @@
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,27 @@ FIXTURE_CORPUS = FIXTURES / "tinystories"
 
 @pytest.fixture(scope="session")
 def built_project(tmp_path_factory) -> Path:
-    """The fixture project after a full `dvc repro`, built once. Copy it before changing anything."""
+    """The fixture project after a full `dvc repro`, built once. Copy it before changing anything.
+
+    Under pytest-xdist, once for all the workers: the first to need it builds it in the run's shared
+    temporary folder (under a file lock), the others wait for it and read the same folder."""
+    from filelock import FileLock
+
     from tests.dvc_project import STAGES, dvc, make_project, ran
 
-    project = make_project(tmp_path_factory.mktemp("built"))
-    assert ran(dvc("repro", cwd=project)) == STAGES
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        project = make_project(tmp_path_factory.mktemp("built"))
+        assert ran(dvc("repro", cwd=project)) == STAGES
+        return project
+    shared = tmp_path_factory.getbasetemp().parent  # above each worker's own basetemp
+    project, done = shared / "built", shared / "built.done"
+    with FileLock(shared / "built.lock"):
+        if not done.exists():
+            shutil.rmtree(project, ignore_errors=True)  # a build that failed in another worker
+            project.mkdir()
+            make_project(project)
+            assert ran(dvc("repro", cwd=project)) == STAGES
+            done.touch()
     return project
 
 

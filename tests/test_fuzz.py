@@ -91,7 +91,7 @@ def test_fuzz_generate_survives_random_prompts(gen):
     """Every prompt gets through encoding and at least one model step: text, or the empty-prompt error."""
     from librarian.generate import GenerationOptions
 
-    start = time.perf_counter()
+    start = time.process_time()
     empty = 0
     for i, prompt in enumerate(fuzz_strings(seed=1)):
         try:
@@ -105,7 +105,7 @@ def test_fuzz_generate_survives_random_prompts(gen):
             raise AssertionError(f"Generator.complete crashed on prompt {prompt!r}: {exc!r}") from exc
         assert isinstance(text, str)
     assert empty >= 1  # the empty strings were in the mix
-    assert time.perf_counter() - start < 60
+    assert time.process_time() - start < 60  # CPU seconds: a hang guard that load cannot trip
 
 
 def test_fuzz_chat_prompt_building_stays_in_budget(gen):
@@ -149,7 +149,7 @@ def test_fuzz_run_chat_survives_random_lines(gen):
         return line
 
     output = io.StringIO()
-    start = time.perf_counter()
+    start = time.process_time()
     try:
         code = run_chat(gen, GenerationOptions(max_new_tokens=1, seed=0), input_fn=input_fn, output=output)
     except Exception as exc:  # noqa: BLE001
@@ -158,7 +158,7 @@ def test_fuzz_run_chat_survives_random_lines(gen):
     shown = output.getvalue()
     assert not CONTROL_CHARS.search(shown), repr(CONTROL_CHARS.search(shown).group())
     assert shown.count("Assistant: ") > N_FUZZ // 2  # most lines got a reply, not just commands
-    assert time.perf_counter() - start < 60
+    assert time.process_time() - start < 60  # CPU seconds: a hang guard that load cannot trip
 
 
 def is_control(ch: str) -> bool:
