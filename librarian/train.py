@@ -273,6 +273,15 @@ class Trainer:
         self.resume()
         p = self.progress
         live = _Curves(self.live_dir, self.speed_dir, p) if self.rank == 0 else None
+        try:
+            self._fit(live)
+        finally:
+            if live:
+                live.close()
+        return p
+
+    def _fit(self, live) -> None:
+        p = self.progress
         planned_epochs = self.plan.epochs
         # One bar for the whole run, to the planned steps (max_steps, max_tokens); early stopping ends it sooner.
         bar = progress_bar(self.total_steps, p.global_step, f"epoch {p.epoch + 1}/{planned_epochs}",
@@ -290,7 +299,6 @@ class Trainer:
         self._finish()
         if live:
             live.end(p.global_step)
-        return p
 
     def _epochs(self, live, bar, planned_epochs: int, stop) -> None:
         """The training loop proper: epochs of optimizer steps until a cap, early stopping or a stop request."""
@@ -434,6 +442,15 @@ class _Curves:
             live.summary = {name: live.summary[name] for name in names if name in live.summary} | {"step": step}
             live.step = step
             live.end()
+
+    def close(self) -> None:
+        """Release the DVC repository each Live opened (git pack files, DVC's SQLite state). dvclive
+        never closes it, so a process that trains again and again (a notebook, the tests, a
+        benchmark) would otherwise gain some 70 open files a run, until it can open no more."""
+        for live in (self.results, self.speed):
+            repo, live._dvc_repo = live._dvc_repo, None
+            if repo is not None:
+                repo.close()
 
 
 def train(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Progress:

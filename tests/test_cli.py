@@ -198,6 +198,12 @@ class Pty:
             finally:
                 os._exit(127)
         self.seen = b""
+        # poll, not select: select() refuses descriptors above 1023, which a long run can reach.
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLIN)
+
+    def readable(self, timeout: float) -> bool:
+        return bool(self.poller.poll(max(timeout, 0) * 1000))
 
     def expect(self, text: str, timeout: float = TIMEOUT) -> None:
         """Read until `text` appears after what was matched before."""
@@ -207,7 +213,7 @@ class Pty:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"timed out waiting for {text!r}; saw {self.seen[-500:]!r}")
-            if select.select([self.fd], [], [], left)[0]:
+            if self.readable(left):
                 try:
                     chunk = os.read(self.fd, 65536)
                 except OSError:  # EIO: the child closed the terminal
@@ -221,7 +227,7 @@ class Pty:
         """Read until `n` more bytes have arrived."""
         deadline = time.monotonic() + timeout
         while len(self.seen) < n:
-            if time.monotonic() > deadline or not select.select([self.fd], [], [], deadline - time.monotonic())[0]:
+            if time.monotonic() > deadline or not self.readable(deadline - time.monotonic()):
                 raise AssertionError(f"timed out waiting for output; saw {self.seen[-500:]!r}")
             self.seen += os.read(self.fd, 65536)
         self.seen = b""
@@ -236,7 +242,7 @@ class Pty:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:  # keep draining, so the child never blocks on a full terminal
-                if select.select([self.fd], [], [], 0.05)[0]:
+                if self.readable(0.05):
                     os.read(self.fd, 65536)
             except OSError:
                 pass

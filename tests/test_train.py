@@ -14,6 +14,7 @@ from librarian.optimizer import lr_at
 from librarian.process import Terminated
 from librarian.train import TrainPaths, Trainer, train
 from tests.conftest import TINY_MODEL, VOCAB, stories, write_tokens
+from tests.dvc_project import make_project
 
 @pytest.fixture
 def tokens_dir(tmp_path):
@@ -427,6 +428,22 @@ def test_fused_loss_trains_like_the_plain_loss(tiny, tokens_dir, tmp_path):
 def test_compiled_training_runs(tiny, tokens_dir, tmp_path):
     progress = run(tiny(**{"train.max_steps": 3, "train.compile": True, "train.fused_loss": True}), tokens_dir, tmp_path)
     assert progress.global_step == 3 and math.isfinite(progress.best_val_loss)
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_training_inside_a_dvc_project_leaves_no_file_open(tiny, tokens_dir, tmp_path, monkeypatch):
+    """dvclive opens the DVC repository around the working folder (git packs, DVC's SQLite state)
+    and never closes it: a process that trained many times ran out of file descriptors."""
+    monkeypatch.chdir(make_project(tmp_path / "project"))
+    params = tiny(**{"train.max_steps": 2})
+    run(params, tokens_dir, tmp_path / "warm")  # imports and thread pools open what they keep for good
+    before = open_files()
+    for i in range(3):
+        run(params, tokens_dir, tmp_path / f"run{i}")
+    assert open_files() == before
 
 
 def test_train_state_round_trips_through_one_state_dict(make_params, tmp_path):
