@@ -271,14 +271,13 @@ class Trainer:
 
     def run(self) -> Progress:
         self.resume()
-        p = self.progress
-        live = _Curves(self.live_dir, self.speed_dir, p) if self.rank == 0 else None
+        live = _Curves(self.live_dir, self.speed_dir, self.progress) if self.rank == 0 else None
         try:
             self._fit(live)
-        finally:
+        finally:  # on an interrupt too
             if live:
                 live.close()
-        return p
+        return self.progress
 
     def _fit(self, live) -> None:
         p = self.progress
