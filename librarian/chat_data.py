@@ -18,6 +18,18 @@ story in some split (a tiny share of a small split) is an error: fine-tuning and
 A share params.chat_data.multi_turn of the conversations has two turns: first another story of the
 same split with its own request, then this story's. Splits are built from their own stories only,
 each with its own seeded stream, so no story crosses into another split's conversations.
+
+**Variants.** With params.chat_data.variants = V > 1, the train split is built V times from its own
+stories, each time with a seeded stream of its own: other kinds, other words, other phrasings and
+other pairs of turns. train.parquet is variant 0 (fine-tuning's data, the same bytes whatever V);
+train-v1.parquet ... train-v{V-1}.parquet are the others. Pretraining on conversations
+(train.chat_share, librarian/chat_tokens.py) uses variant epoch mod V in each epoch, so the model
+never sees one fixed request per story.
+
+**Held-out phrasings.** val_unseen.parquet and test_unseen.parquet hold the val and test
+conversations row for row, with every request phrased by a template of HELD_OUT instead: phrasings
+that no train conversation uses, so that evaluate_chat measures whether the model follows a request
+rather than recognising a template.
 """
 
 from __future__ import annotations
@@ -67,6 +79,31 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Phrasings used only for val and test (the *_unseen tables): disjoint from TEMPLATES (checked below),
+# so no train conversation ever asks in these words.
+HELD_OUT: dict[str, tuple[str, ...]] = {
+    "words": (
+        "Can you make up a tale that has {words} in it?",
+        "I want a short story. Please put {words} in it.",
+        "Make up a story for me where {words} all show up.",
+    ),
+    "character": (
+        "I'd like a story where someone named {name} goes on an adventure.",
+        "Could you make up a tale about {name}?",
+        "Please invent a little story about {a} {kind} whose name is {name}.",
+    ),
+    "opening": (
+        "Here is how my story begins: {opening} What happens next?",
+        "Go on with this tale: {opening}",
+    ),
+    "plain": (
+        "Make up a tale for me, please.",
+        "I'd love to hear a little story.",
+    ),
+}
+UNSEEN = "_unseen"  # val_unseen.parquet, test_unseen.parquet
+HELD_OUT_SPLITS = ("val", "test")
+
 # The table's columns, in this order and with these types: the same inputs give the same bytes.
 SCHEMA = pa.schema([
     ("conversation", pa.int64()),
@@ -95,10 +132,32 @@ def _fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def _phrase(kind: str, rng: np.random.Generator, /, **values: str) -> str:
+def _phrase(kind: str, rng: np.random.Generator, /, templates: dict[str, tuple[str, ...]] = TEMPLATES,
+            **values: str) -> str:
     """One of the kind's templates whose fields are all given, drawn by `rng`, filled in."""
-    usable = [t for t in TEMPLATES[kind] if _fields(t) <= values.keys()]
+    usable = [t for t in templates[kind] if _fields(t) <= values.keys()]
     return usable[rng.integers(len(usable))].format(**values)
+
+
+def template_pattern(template: str) -> re.Pattern:
+    """A regex that matches exactly the requests `template` can phrase, whatever fills its fields."""
+    parts = [re.escape(literal) + ("(.+)" if name else "")
+             for literal, name, _, _ in string.Formatter().parse(template)]
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+
+
+def phrased_by(request: str, templates: dict[str, tuple[str, ...]]) -> bool:
+    """Whether some template of `templates` phrases `request`."""
+    return any(template_pattern(t).match(request) for kind in templates for t in templates[kind])
+
+
+def _disjoint() -> bool:
+    """No held-out template's filled-in text can be a training template's (with any field values)."""
+    probe = {"words": "w1, w2 and w3", "name": "Name", "a": "a", "kind": "cat", "opening": "It began."}
+    return not any(phrased_by(t.format(**probe), TEMPLATES) for kind in HELD_OUT for t in HELD_OUT[kind])
+
+
+assert tuple(HELD_OUT) == tuple(TEMPLATES) and _disjoint()
 
 
 # --- what a story offers each kind ---------------------------------------------------------------
@@ -184,18 +243,25 @@ def article(noun: str) -> str:
     return "an" if noun[0] in "aeiou" else "a"
 
 
+def listed(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def character_fields(character: tuple[str, str]) -> dict[str, str]:
+    name, kind = character
+    return {"name": name, "kind": kind, "a": article(kind)} if kind else {"name": name}
+
+
 def words_request(story: str, found: dict[str, list[str]], rng: np.random.Generator) -> Request:
     """One noun, one verb and one adjective of the story, named in random order."""
     chosen = [found[part][rng.integers(len(found[part]))] for part in words.PARTS_OF_SPEECH]
     ordered = [chosen[i] for i in rng.permutation(len(chosen))]
-    listed = f"{', '.join(ordered[:-1])} and {ordered[-1]}"
-    return Request("words", _phrase("words", rng, words=listed), story, words=ordered)
+    return Request("words", _phrase("words", rng, words=listed(ordered)), story, words=ordered)
 
 
 def character_request(story: str, character: tuple[str, str], rng: np.random.Generator) -> Request:
-    name, kind = character
-    values = {"name": name, "kind": kind, "a": article(kind)} if kind else {"name": name}
-    return Request("character", _phrase("character", rng, **values), story, character=name)
+    return Request("character", _phrase("character", rng, **character_fields(character)), story,
+                   character=character[0])
 
 
 def opening_request(story: str, parts: tuple[str, str], rng: np.random.Generator) -> Request:
@@ -205,6 +271,13 @@ def opening_request(story: str, parts: tuple[str, str], rng: np.random.Generator
 
 def plain_request(story: str, _: object, rng: np.random.Generator) -> Request:
     return Request("plain", _phrase("plain", rng), story)
+
+
+def held_out_request(kind: str, asked_words: list[str], offer: object, rng: np.random.Generator) -> str:
+    """The same request (the same words, character or opening) in a held-out phrasing."""
+    values = {"words": lambda: {"words": listed(list(asked_words))}, "character": lambda: character_fields(offer),
+              "opening": lambda: {"opening": offer[0]}, "plain": dict}[kind]()
+    return _phrase(kind, rng, HELD_OUT, **values)
 
 
 BUILDERS = {"words": words_request, "character": character_request, "opening": opening_request,
@@ -277,10 +350,11 @@ def conversation_plan(stories: int, multi_turn: float, rng: np.random.Generator)
     return plan.sort_values(["conversation", "turn"], ignore_index=True)
 
 
-def build_split(stories: list[str], params: ChatDataParams, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+def build_split(stories: list[str], params: ChatDataParams, rng: np.random.Generator,
+                offered: list[dict] | None = None) -> tuple[pd.DataFrame, dict]:
     """The split's conversations, one row per turn, sorted by (conversation, turn), and how many
-    stories could carry each kind."""
-    offered = [offers(story, params.words_within) for story in stories]
+    stories could carry each kind. `offered`: the stories' offers, if already known."""
+    offered = offered if offered is not None else [offers(story, params.words_within) for story in stories]
     can = np.array([[offer[kind] is not None for kind in REQUEST_KINDS] for offer in offered],
                    dtype=bool).reshape(-1, len(REQUEST_KINDS))  # (0, 4) for an empty split, not (0,)
     shares = np.array([getattr(params.mix, kind) for kind in REQUEST_KINDS])
@@ -291,6 +365,14 @@ def build_split(stories: list[str], params: ChatDataParams, rng: np.random.Gener
     plan = conversation_plan(len(stories), params.multi_turn, rng)
     table = plan.join(requests, on="story")
     return table[SCHEMA.names], dict(zip(REQUEST_KINDS, can.sum(axis=0).tolist(), strict=True))
+
+
+def held_out_table(table: pd.DataFrame, offered: list[dict], rng: np.random.Generator) -> pd.DataFrame:
+    """`table` row for row, every request re-phrased with a HELD_OUT template."""
+    unseen = table.copy()
+    unseen["request"] = [held_out_request(row.kind, row.words, offered[row.story][row.kind], rng)
+                         for row in table.itertuples()]
+    return unseen
 
 
 def split_counts(table: pd.DataFrame) -> dict[str, int]:
@@ -341,13 +423,20 @@ def build_chat_data(clean_dir: str | Path, out_dir: str | Path, metrics_path: st
 
     Every split is built and checked before anything is written: a failure leaves no output.
     """
-    clean_dir = Path(clean_dir)
+    clean_dir, settings = Path(clean_dir), params.chat_data
     tables, metrics = {}, {}
     for split in SPLITS:
         stories = read_clean_split(clean_dir, split)
-        tables[split], carriers = build_split(stories, params.chat_data, rng_for(params.seed, f"chat_data/{split}"))
-        metrics[split] = split_counts(tables[split])
-        check_kinds(split, metrics[split], carriers, params.chat_data)
+        offered = [offers(story, settings.words_within) for story in stories]
+        # Variant 0 keeps the split's own stream: its bytes do not depend on chat_data.variants.
+        streams = {split: f"chat_data/{split}"} | ({f"{split}-v{v}": f"chat_data/{split}/variant-{v}"
+                                                      for v in range(1, settings.variants)} if split == "train" else {})
+        for name, stream in streams.items():
+            tables[name], carriers = build_split(stories, settings, rng_for(params.seed, stream), offered)
+            metrics[name] = split_counts(tables[name])
+            check_kinds(split, metrics[name], carriers, settings)
+        if split in HELD_OUT_SPLITS:
+            tables[split + UNSEEN] = held_out_table(tables[split], offered, rng_for(params.seed, f"chat_data/{split}/unseen"))
     with atomic_dir(out_dir) as tmp:
         for split, table in tables.items():
             pq.write_table(to_arrow(table), tmp / f"{split}.parquet", compression="zstd",

@@ -10,14 +10,24 @@ conversations (data/chat/test.parquet), so `dvc metrics diff` lines them up key 
   words_all: the share of those replies that mention all of them;
 - character_recall: over the first evaluate_chat.requests `character` requests, the share of
   replies that name the character;
+- words_recall_unseen, words_all_unseen, character_recall_unseen: the same requests (same rows,
+  same seeds) as data/chat/test_unseen.parquet phrases them, with templates that no training
+  conversation uses (chat_data's HELD_OUT): does the model follow the request or recognise a template?
+- multi_turn_recall: over the second turns of two-turn conversations asking for words or a
+  character (the first evaluate_chat.requests), answered after their first turn, the mean per-request
+  recall (the share of its words mentioned; 1 if the character is named, else 0);
+  multi_turn_requests: their count; multi_turn_history_kept: the share of them whose prompt kept
+  the whole first turn (chat drops the history that does not fit the context);
 - story_loss / story_perplexity: the evaluate stage's test metrics on data/tokens/test.bin, so
   what fine-tuning costs the story model shows as the difference (story_perplexity_change).
 
 Replies are sampled as `librarian chat` answers: the conversation's earlier turns are the history,
 and a reply ends at <|endoftext|> or at the next `User:`. Request i of the test table (its row)
-samples with seed evaluate_chat.seed + i, with both models, whatever the thread that answers it
-and whatever was answered before: a reply depends on its request and the model alone. Requests
-are answered evaluate_chat.threads at a time, each on one torch thread, as evaluate scores batches.
+samples with seed evaluate_chat.seed + i, with both models and both phrasings, whatever the thread
+that answers it and whatever was answered before: a reply depends on its request and the model
+alone, so a multi-turn request already answered as a words or character request is not sampled
+again. Requests are answered evaluate_chat.threads at a time, each on one torch thread, as evaluate
+scores batches.
 """
 
 from __future__ import annotations
@@ -43,7 +53,11 @@ from librarian.threads import resolve_threads, using_threads
 from librarian.words import mentions
 
 MODELS = ("base", "finetuned")
+KINDS = ("words", "character")  # the request kinds whose replies can be checked
 REDO_CHAT_DATA = "rerun `dvc repro chat_data`"
+UNSEEN = "test_unseen"  # the test split phrased by held-out templates
+# What the held-out table must share with the test table, row for row: all but the request.
+ALIGNED = ("conversation", "turn", "kind", "reply", "words", "character")
 
 
 @dataclass(frozen=True)
@@ -61,14 +75,36 @@ class Request:
 # --- the test conversations ----------------------------------------------------------------------
 
 
-def read_test_requests(chat_dir: str | Path) -> pd.DataFrame:
+def read_test_requests(chat_dir: str | Path, split: str = "test") -> pd.DataFrame:
     """The chat test split, checked to hold what the requests are scored against as well."""
-    table = read_chat(chat_dir, "test")
-    missing = [name for name in ("words", "character") if name not in table.columns]
+    table = read_chat(chat_dir, split)
+    missing = [name for name in KINDS if name not in table.columns]
     if missing:
-        raise LibrarianError(f"{Path(chat_dir) / 'test.parquet'} lacks the column(s) {', '.join(missing)}; "
+        raise LibrarianError(f"{Path(chat_dir) / f'{split}.parquet'} lacks the column(s) {', '.join(missing)}; "
                              f"{REDO_CHAT_DATA}")
     return table.reset_index(drop=True)
+
+
+def read_unseen_requests(chat_dir: str | Path, seen: pd.DataFrame) -> pd.DataFrame:
+    """test_unseen.parquet, checked to be the test table `seen` row for row but for the requests."""
+    path = Path(chat_dir) / f"{UNSEEN}.parquet"
+    # A chat_data output older than the held-out phrasings has none: rerunning it, not running it, is the fix.
+    if not path.exists():
+        raise LibrarianError(f"{path} not found; {REDO_CHAT_DATA}")
+    unseen = read_test_requests(chat_dir, UNSEEN)
+    if len(unseen) != len(seen):
+        raise LibrarianError(f"{path} has {len(unseen)} rows but test.parquet has {len(seen)}; {REDO_CHAT_DATA}")
+    for column in ALIGNED:
+        differ = [row for row, (a, b) in enumerate(zip(cells(seen, column), cells(unseen, column))) if a != b]
+        if differ:
+            raise LibrarianError(f"{path} does not line up with test.parquet: row {differ[0]} has another {column} "
+                                 f"({len(differ)} rows in all); {REDO_CHAT_DATA}")
+    return unseen
+
+
+def cells(table: pd.DataFrame, column: str) -> list:
+    """The column's values, comparable with ==: a words list (an array once read) as a tuple."""
+    return [tuple(value) if column == "words" else value for value in table[column]]
 
 
 def select_requests(table: pd.DataFrame, kind: str, n: int) -> list[Request]:
@@ -92,6 +128,30 @@ def select_requests(table: pd.DataFrame, kind: str, n: int) -> list[Request]:
     return requests
 
 
+def select_multi_turn(table: pd.DataFrame, n: int) -> list[Request]:
+    """The first n second turns (in table order) that ask for words or a character, their first turn as history."""
+    second_turns = [request for kind in KINDS for request in select_requests(table, kind, len(table))
+                    if len(request.history) == 1]
+    return sorted(second_turns, key=lambda request: request.row)[:n]
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What each model answers: the selected requests in both phrasings, and the multi-turn ones."""
+
+    words: list[Request]
+    character: list[Request]
+    words_unseen: list[Request]  # the same rows as `words`, phrased by held-out templates
+    character_unseen: list[Request]
+    multi_turn: list[Request]  # may share rows with `words` and `character`
+
+    @classmethod
+    def select(cls, seen: pd.DataFrame, unseen: pd.DataFrame, n: int) -> Asked:
+        # The tables line up row for row, so both phrasings select the same rows.
+        return cls(*(select_requests(table, kind, n) for table in (seen, unseen) for kind in KINDS),
+                   select_multi_turn(seen, n))
+
+
 def check_requests(requests: list[Request], kind: str, params: Params) -> None:
     """Refuse a test split without requests of `kind`: its recall would be 0/0."""
     if requests:
@@ -106,13 +166,24 @@ def check_requests(requests: list[Request], kind: str, params: Params) -> None:
 # --- sampling replies ------------------------------------------------------------------------------
 
 
-def answer(generator: Generator, options: GenerationOptions, request: Request) -> str:
-    """The reply `librarian chat` gives to the request after its conversation's earlier turns."""
+def session_for(generator: Generator, options: GenerationOptions, request: Request) -> ChatSession:
+    """A `librarian chat` session at the request's point of its conversation, seeded by the request's row."""
     # A fresh session per request: its first reply samples with the seed given, so no reply
     # depends on the replies sampled before it (ChatSession adds the replies so far to the seed).
     session = ChatSession(generator, replace(options, seed=options.seed + request.row))
     session.history = list(request.history)
-    return "".join(session.reply(request.message))
+    return session
+
+
+def answer(generator: Generator, options: GenerationOptions, request: Request) -> str:
+    """The reply `librarian chat` gives to the request after its conversation's earlier turns."""
+    return "".join(session_for(generator, options, request).reply(request.message))
+
+
+def keeps_history(generator: Generator, options: GenerationOptions, request: Request) -> bool:
+    """Whether chat's prompt for the request keeps all its earlier turns (chat drops those with no room)."""
+    _, kept, _ = session_for(generator, options, request).build_prompt(request.message)
+    return kept == len(request.history)
 
 
 def answer_all(generator: Generator, options: GenerationOptions, requests: list[Request], threads: int,
@@ -124,6 +195,13 @@ def answer_all(generator: Generator, options: GenerationOptions, requests: list[
             replies.append(reply)
             bar.update(1)
     return replies
+
+
+def answer_groups(generator: Generator, options: GenerationOptions, groups: list[list[Request]], threads: int,
+                  desc: str) -> list[list[str]]:
+    """The replies to each group of requests, all answered together so the threads stay busy."""
+    replies = iter(answer_all(generator, options, [request for group in groups for request in group], threads, desc))
+    return [[next(replies) for _ in group] for group in groups]
 
 
 # --- scoring replies -------------------------------------------------------------------------------
@@ -138,11 +216,22 @@ def names(text: str, name: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
 
 
+def words_mentioned(request: Request, reply: str) -> int:
+    return sum(mentions(reply, word) for word in request.words)
+
+
+def recall(request: Request, reply: str) -> float:
+    """One request's recall: the share of its words the reply mentions, or 1 if it names the character."""
+    if request.kind == "words":
+        return words_mentioned(request, reply) / len(request.words)
+    return float(names(reply, request.character))
+
+
 def words_scores(requests: list[Request], replies: list[str]) -> dict:
     """words_recall (share of requested words mentioned), words_all (share of replies with all of them)."""
     asked = mentioned = complete = 0
     for request, reply in zip(requests, replies, strict=True):
-        hits = sum(mentions(reply, word) for word in request.words)
+        hits = words_mentioned(request, reply)
         asked, mentioned = asked + len(request.words), mentioned + hits
         complete += hits == len(request.words)
     return {"words_recall": round_significant(mentioned / asked),
@@ -153,6 +242,38 @@ def character_scores(requests: list[Request], replies: list[str]) -> dict:
     """character_recall: the share of replies that name the character asked for."""
     named = sum(names(reply, request.character) for request, reply in zip(requests, replies, strict=True))
     return {"character_recall": round_significant(named / len(requests)), "character_requests": len(requests)}
+
+
+def unseen(scores: dict) -> dict:
+    """The recalls of `scores` named as the held-out phrasings' (`_unseen`); the counts are the seen ones'."""
+    return {f"{key}_unseen": value for key, value in scores.items() if not key.endswith("_requests")}
+
+
+def multi_turn_scores(requests: list[Request], replies: list[str], kept: list[bool]) -> dict:
+    """multi_turn_recall (mean per-request recall), multi_turn_history_kept (share with the whole first turn)."""
+    if not requests:  # a test split without two-turn words or character conversations: nothing to average
+        return {"multi_turn_requests": 0}
+    recalls = [recall(request, reply) for request, reply in zip(requests, replies, strict=True)]
+    return {"multi_turn_recall": round_significant(sum(recalls) / len(requests)),
+            "multi_turn_history_kept": round_significant(sum(kept) / len(requests)),
+            "multi_turn_requests": len(requests)}
+
+
+def sampled_metrics(generator: Generator, options: GenerationOptions, asked: Asked, threads: int, desc: str) -> dict:
+    """The recalls of one model's replies to `asked`."""
+    # A multi-turn row already selected is the same request, so it would get the same reply: reuse it.
+    selected = asked.words + asked.character
+    extra = [request for request in asked.multi_turn if request not in selected]
+    words, character, words_unseen, character_unseen, extra_replies = answer_groups(
+        generator, options, [asked.words, asked.character, asked.words_unseen, asked.character_unseen, extra],
+        threads, desc)
+    reply_of = dict(zip([request.row for request in selected + extra], words + character + extra_replies, strict=True))
+    multi_turn = [reply_of[request.row] for request in asked.multi_turn]
+    kept = [keeps_history(generator, options, request) for request in asked.multi_turn]
+    return {**words_scores(asked.words, words), **character_scores(asked.character, character),
+            **unseen(words_scores(asked.words_unseen, words_unseen)),
+            **unseen(character_scores(asked.character_unseen, character_unseen)),
+            **multi_turn_scores(asked.multi_turn, multi_turn, kept)}
 
 
 def reply_metrics(generator: Generator, tokens: TokenFile, params: Params) -> dict:
@@ -197,9 +318,9 @@ def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_p
     generators = {name: Generator.load(path, tokenizer_path) for name, path in paths.items()}
     table = read_test_requests(chat_dir)
     settings = params.evaluate_chat
-    requests = {kind: select_requests(table, kind, settings.requests) for kind in ("words", "character")}
-    for kind, selected in requests.items():
-        check_requests(selected, kind, params)
+    asked = Asked.select(table, read_unseen_requests(chat_dir, table), settings.requests)
+    for kind in KINDS:
+        check_requests(getattr(asked, kind), kind, params)
 
     # The cheap scores first: they check the token files before the long sampling starts.
     result = {name: story_metrics(generators[name], paths[name], Path(tokens_dir), params) for name in MODELS}
@@ -216,10 +337,6 @@ def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_p
         generator = generators[name]
         threads = resolve_threads(settings.threads, generator.model.config.d_model, "evaluate_chat.threads",
                                   batched=True)
-        asked = requests["words"] + requests["character"]
-        replies = answer_all(generator, options, asked, threads, f"{name} replies")
-        n_words = len(requests["words"])
-        result[name].update(words_scores(requests["words"], replies[:n_words]))
-        result[name].update(character_scores(requests["character"], replies[n_words:]))
+        result[name].update(sampled_metrics(generator, options, asked, threads, f"{name} replies"))
     change = result["finetuned"]["story_perplexity"] / result["base"]["story_perplexity"] - 1
     return {**result, "story_perplexity_change": round_significant(change)}

@@ -361,3 +361,58 @@ def test_broken_clean_splits_are_one_line_errors(clean, tmp_path, break_it, word
     for word in words_in_message:
         assert word in str(error.value)
     assert_nothing_written(tmp_path)
+
+
+# --- variants and held-out phrasings ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def varied(clean_dir, tmp_path_factory) -> Path:
+    """data/chat built with chat_data.variants 3."""
+    root = tmp_path_factory.mktemp("varied")
+    build_chat_data(clean_dir, root / "data" / "chat", root / "metrics" / "chat_data.json",
+                    params(root, **{"chat_data.variants": 3}))
+    return root / "data" / "chat"
+
+
+def test_variants_draw_other_requests_from_the_same_train_stories(varied, built, clean):
+    chat = built / "data" / "chat"
+    assert sorted(p.name for p in varied.glob("*.parquet")) == sorted(
+        ["train.parquet", "train-v1.parquet", "train-v2.parquet", "val.parquet", "test.parquet",
+         "val_unseen.parquet", "test_unseen.parquet"])
+    # Variant 0 is the train split of one variant: fine-tuning's data does not depend on chat_data.variants.
+    assert (varied / "train.parquet").read_bytes() == (chat / "train.parquet").read_bytes()
+    base = pd.read_parquet(varied / "train.parquet")
+    for v in (1, 2):
+        variant = pd.read_parquet(varied / f"train-v{v}.parquet")
+        by_story = dict(zip(base["story"], base["request"])), dict(zip(variant["story"], variant["request"]))
+        differ = sum(by_story[0][s] != by_story[1][s] for s in by_story[0])
+        assert differ > 0.6 * len(by_story[0]), f"variant {v}: only {differ} requests differ"
+        # Never across splits: every reply of a variant is a train story (or, for openings, the rest of one).
+        train = clean["train"]
+        assert all(reply in train[story] for reply, story in zip(variant["reply"], variant["story"], strict=True))
+        assert set(variant["story"]) == set(range(len(train)))
+    metrics = json.loads((varied.parent.parent / "metrics" / "chat_data.json").read_text())
+    assert set(metrics) == {"train", "train-v1", "train-v2", "val", "test"}
+
+
+def test_held_out_phrasings_never_occur_in_train_conversations(varied):
+    from librarian.chat_data import HELD_OUT, TEMPLATES, phrased_by
+
+    for path in varied.glob("train*.parquet"):
+        requests = pd.read_parquet(path)["request"]
+        assert not any(phrased_by(r, HELD_OUT) for r in requests), path.name
+        assert all(phrased_by(r, TEMPLATES) for r in requests), path.name
+    for split in ("val", "test"):
+        seen, unseen = (pd.read_parquet(varied / f"{split}{suffix}.parquet") for suffix in ("", "_unseen"))
+        same = [c for c in seen.columns if c != "request"]
+        assert seen[same].equals(unseen[same])  # row for row the same conversations
+        assert all(phrased_by(r, HELD_OUT) and not phrased_by(r, TEMPLATES) for r in unseen["request"])
+        # The same ask: the words and the character named by the request are still in it.
+        for row in unseen.itertuples():
+            assert all(word in row.request for word in row.words) and row.character in row.request
+
+
+def test_variants_below_one_are_refused(tmp_path):
+    with pytest.raises(LibrarianError, match=r"chat_data.variants: input should be greater than or equal to 1"):
+        params(tmp_path, **{"chat_data.variants": 0})

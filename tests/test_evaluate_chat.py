@@ -15,7 +15,7 @@ import yaml
 import librarian.evaluate_chat as evaluate_chat
 from librarian.chat import Turn
 from librarian.generate import GenerationOptions
-from librarian.evaluate_chat import Request, character_scores, names, select_requests, words_scores
+from librarian.evaluate_chat import Request, character_scores, names, select_multi_turn, select_requests, words_scores
 from librarian.tokenizer import file_sha256, load_tokenizer
 from stages.evaluate_chat import main as evaluate_chat_stage
 from tests.conftest import build_tiny, set_dotted, tiny_model, write_tokens
@@ -34,22 +34,46 @@ CONVERSATIONS = [
      "The cat slept on a soft bed.", ["cat", "sleep", "soft"], ""),
 ]
 N_WORDS, N_CHARACTER = 3, 2
+# Each request as test_unseen.parquet phrases it, with templates no training conversation uses.
+UNSEEN = dict(zip((row[3] for row in CONVERSATIONS), (
+    "Can you make up a tale that has ball, jump and happy in it?",
+    "Could you make up a tale about Tom?",
+    "Make up a tale for me, please.",
+    "Make up a story for me where dog, run and big all show up.",
+    "Go on with this tale: Lily found a box.",
+    "I'd like a story where someone named Lily goes on an adventure.",
+    "I want a short story. Please put cat, sleep and soft in it.",
+), strict=True))
+COLUMNS = ["conversation", "turn", "kind", "request", "reply", "words", "character"]
+MULTI_TURN_ROW = 3  # the words request of the two-turn conversation: also the second words request
 SCHEMA = pa.schema([("conversation", pa.int64()), ("turn", pa.int64()), ("kind", pa.string()),
                     ("request", pa.string()), ("reply", pa.string()), ("words", pa.list_(pa.string())),
                     ("character", pa.string()), ("story", pa.int64())])
 MODEL_KEYS = {"reply_loss", "reply_perplexity", "reply_tokens", "story_loss", "story_perplexity", "words_recall",
-              "words_all", "words_requests", "character_recall", "character_requests"}
+              "words_all", "words_requests", "character_recall", "character_requests", "words_recall_unseen",
+              "words_all_unseen", "character_recall_unseen", "multi_turn_recall", "multi_turn_requests",
+              "multi_turn_history_kept"}
 SMALL = {"model.context_length": 32, "eval.stride": 16, "eval.batch_size": 8, "train.stride": 32,
          "evaluate_chat.max_new_tokens": 12, "evaluate_chat.threads": 1}
 
 
-def write_chat(folder: Path, rows=CONVERSATIONS) -> Path:
-    """A chat test split in chat_data's schema."""
+def write_chat(folder: Path, rows=CONVERSATIONS, unseen: bool = True) -> Path:
+    """A chat test split in chat_data's schema, and (with `unseen`) its held-out phrasings, row for row."""
     folder.mkdir(parents=True, exist_ok=True)
+    write_table(folder / "test.parquet", rows)
+    if unseen:
+        write_table(folder / "test_unseen.parquet", held_out_rows(rows))
+    return folder
+
+
+def held_out_rows(rows):
+    return [(*row[:3], UNSEEN[row[3]], *row[4:]) for row in rows]
+
+
+def write_table(path: Path, rows) -> None:
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in range(7)]
     stories = list(range(len(rows)))
-    pq.write_table(pa.table([*map(list, columns), stories], schema=SCHEMA), folder / "test.parquet")
-    return folder
+    pq.write_table(pa.table([*map(list, columns), stories], schema=SCHEMA), path)
 
 
 @dataclass(frozen=True)
@@ -77,17 +101,25 @@ def inputs(tmp_path_factory) -> Inputs:
     return Inputs(base, finetuned, tokenizer, write_chat(root / "chat"), root / "tokens", vocab)
 
 
+@pytest.fixture(scope="module")
+def long_context(inputs, tmp_path_factory) -> tuple[Path, Path]:
+    """A base and a fine-tuned model whose 256-token context holds a two-turn conversation whole."""
+    root, sha = tmp_path_factory.mktemp("long_context"), file_sha256(inputs.tokenizer)
+    return tuple(tiny_model(root / name / "model.safetensors", inputs.vocab, context_length=256, seed=seed,
+                            tokenizer_sha256=sha) for seed, name in ((2, "model"), (3, "chat_model")))
+
+
 @pytest.fixture
 def run(inputs, raw_params, tmp_path):
-    """run(**overrides, finetuned=..., chat=...): the stage in-process; returns the output path."""
+    """run(**overrides, finetuned=..., chat=..., base=...): the stage in-process; returns the output path."""
 
-    def go(finetuned: Path | None = None, chat: Path | None = None, **overrides) -> Path:
+    def go(finetuned: Path | None = None, chat: Path | None = None, base: Path | None = None, **overrides) -> Path:
         for dotted, value in {**SMALL, **overrides}.items():
             set_dotted(raw_params, dotted, value)
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump(raw_params))
         out = tmp_path / "metrics" / "chat.json"
-        evaluate_chat_stage([str(inputs.base), str(finetuned or inputs.finetuned), str(inputs.tokenizer),
+        evaluate_chat_stage([str(base or inputs.base), str(finetuned or inputs.finetuned), str(inputs.tokenizer),
                              str(chat or inputs.chat), str(inputs.tokens), str(out), "--params", str(params)])
         return out
 
@@ -127,8 +159,7 @@ def test_character_recall_needs_the_name_as_a_whole_word():
 def test_requests_come_in_table_order_with_their_conversation_as_history():
     import pandas as pd
 
-    table = pd.DataFrame(CONVERSATIONS, columns=["conversation", "turn", "kind", "request", "reply", "words",
-                                                 "character"])
+    table = pd.DataFrame(CONVERSATIONS, columns=COLUMNS)
     words = select_requests(table, "words", 10)
     assert [r.row for r in words] == [0, 3, 6]
     assert words[1].words == ("dog", "run", "big")
@@ -234,6 +265,115 @@ def test_a_request_is_asked_as_chat_asks_it(inputs, make_params, monkeypatch, tm
     assert asked == [(render_prompt(history, second_turn.message), options.seed + 3, STOP_STRINGS)]
 
 
+def test_multi_turn_requests_are_second_turns_after_their_first():
+    import pandas as pd
+
+    table = pd.DataFrame(CONVERSATIONS, columns=COLUMNS)
+    first_turn = Turn("Tell me a story.", "Once upon a time there was a big tree.")
+    assert select_multi_turn(table, 10) == [select_requests(table, "words", 10)[1]]
+    assert select_multi_turn(table, 10)[0].history == (first_turn,)
+    # A character request as a second turn counts too, in table order with the words ones.
+    rows = [*CONVERSATIONS[:5], (3, 1, "character", "Tell me a story about Max.", "Max ran.", [], "Max"),
+            *CONVERSATIONS[5:]]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    assert [(r.row, r.kind) for r in select_multi_turn(table, 10)] == [(3, "words"), (5, "character")]
+    assert [r.row for r in select_multi_turn(table, 1)] == [3]  # N caps the count
+
+
+# --- held-out phrasings and multi-turn requests, through replies we control ------------------------------
+
+# The replies a fake model gives: every word or the name for a seen request, nothing asked for otherwise.
+ANSWERS = {row[3]: " ".join(row[5]) or f"{row[6]} smiled." for row in CONVERSATIONS if row[2] in ("words", "character")}
+
+
+def record_replies(monkeypatch, answers=ANSWERS) -> dict:
+    """Generator.stream replaced: {generator: [(prompt, seed), ...]}, each reply answers[message]."""
+    from librarian.generate import Generator
+
+    calls: dict = {}
+
+    def stream(self, prompt, options, stop_strings=()):
+        calls.setdefault(self, []).append((prompt, options.seed))
+        yield answers.get(prompt.rpartition("User: ")[2].removesuffix("\nAssistant:"), "Someone smiled.")
+
+    monkeypatch.setattr(Generator, "stream", stream)
+    return calls
+
+
+def prompts(table: Path, seed: int, n: int = 10) -> list[tuple[str, int]]:
+    """(chat's prompt with the whole history, seed + row) of the selected words and character requests of `table`."""
+    import pandas as pd
+
+    from librarian.chat import render_prompt
+
+    return [(render_prompt(list(r.history), r.message), seed + r.row)
+            for kind in ("words", "character") for r in select_requests(pd.read_parquet(table), kind, n)]
+
+
+def held_out(prompt: str) -> str:
+    """`prompt` with every request, the earlier turns' too, phrased as test_unseen.parquet phrases it."""
+    for seen, unseen in UNSEEN.items():
+        prompt = prompt.replace(f"User: {seen}\n", f"User: {unseen}\n")
+    return prompt
+
+
+def test_held_out_phrasings_ask_the_same_rows_with_the_same_seeds(run, inputs, long_context, make_params,
+                                                                   monkeypatch):
+    calls = record_replies(monkeypatch)
+    metrics = json.loads(run(long_context[1], base=long_context[0]).read_text())
+    seen = prompts(inputs.chat / "test.parquet", make_params(**SMALL).evaluate_chat.seed)
+    unseen = [(held_out(prompt), seed) for prompt, seed in seen]
+    assert set(unseen).isdisjoint(seen)
+    assert len(calls) == 2
+    for asked in calls.values():  # each model: the seen requests, then the same rows phrased otherwise
+        assert asked == seen + unseen
+    for name in ("base", "finetuned"):
+        scores = metrics[name]
+        assert (scores["words_recall"], scores["words_all"], scores["character_recall"]) == (1.0, 1.0, 1.0)
+        assert (scores["words_recall_unseen"], scores["words_all_unseen"], scores["character_recall_unseen"]) == (
+            0.0, 0.0, 0.0)
+
+
+def test_multi_turn_answers_after_the_first_turn_and_reuses_replies_already_sampled(run, inputs, long_context,
+                                                                                    make_params, monkeypatch):
+    from librarian.chat import render_prompt
+
+    seed = make_params(**SMALL).evaluate_chat.seed
+    first_turn = Turn("Tell me a story.", "Once upon a time there was a big tree.")
+    second_turn = CONVERSATIONS[MULTI_TURN_ROW][3]
+    multi_turn = (render_prompt([first_turn], second_turn), seed + MULTI_TURN_ROW)
+    # Two of its three words: multi_turn_recall is that reply's.
+    calls = record_replies(monkeypatch, {**ANSWERS, second_turn: "The dog ran."})
+    metrics = json.loads(run(long_context[1], base=long_context[0]).read_text())
+    for asked in calls.values():  # row 3 is the second words request already: asked once, not twice
+        assert len(asked) == 2 * (N_WORDS + N_CHARACTER) and asked.count(multi_turn) == 1
+    for name in ("base", "finetuned"):
+        assert metrics[name]["multi_turn_recall"] == pytest.approx(2 / 3, abs=1e-6)
+        assert (metrics[name]["multi_turn_requests"], metrics[name]["multi_turn_history_kept"]) == (1, 1.0)
+
+    # One request of each kind: row 3 is not among them, so it is the one extra reply.
+    calls.clear()
+    one = json.loads(run(long_context[1], base=long_context[0], **{"evaluate_chat.requests": 1}).read_text())
+    for asked in calls.values():
+        assert len(asked) == 2 * 2 + 1 and asked.count(multi_turn) == 1
+    assert one["finetuned"]["multi_turn_recall"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_multi_turn_history_is_kept_only_where_the_context_holds_both_turns(run, inputs, long_context):
+    """Real sampling: the 32-token base model drops the first turn, the 256-token one keeps it."""
+    metrics = json.loads(run(long_context[1]).read_text())
+    assert metrics["base"]["multi_turn_history_kept"] < 1
+    assert metrics["finetuned"]["multi_turn_history_kept"] == 1.0
+    assert metrics["base"]["multi_turn_requests"] == metrics["finetuned"]["multi_turn_requests"] == 1
+
+
+def test_a_split_without_two_turn_requests_has_no_multi_turn_recall(run, tmp_path):
+    one_turn = write_chat(tmp_path / "one_turn", [row for row in CONVERSATIONS if row[0] != 2])
+    metrics = json.loads(run(chat=one_turn).read_text())
+    assert {key: value for key, value in metrics["finetuned"].items() if key.startswith("multi_turn")} == {
+        "multi_turn_requests": 0}
+
+
 def test_requests_caps_the_number_answered(run):
     one = json.loads(run(**{"evaluate_chat.requests": 1}).read_text())
     assert (one["base"]["words_requests"], one["base"]["character_requests"]) == (1, 1)
@@ -256,6 +396,21 @@ def _without(kind):
     return lambda tmp_path, inputs: write_chat(tmp_path / f"no_{kind}", [r for r in CONVERSATIONS if r[2] != kind])
 
 
+def _misaligned(change):
+    """A chat folder whose test_unseen.parquet is the held-out table changed by `change(rows)`."""
+    def make(tmp_path, inputs):
+        folder = write_chat(tmp_path / "misaligned")
+        write_table(folder / "test_unseen.parquet", change(held_out_rows(CONVERSATIONS)))
+        return folder
+    return make
+
+
+def _other(row: int, column: str, value):
+    """_misaligned: row `row` of the held-out table with another `column`."""
+    at = COLUMNS.index(column)
+    return _misaligned(lambda rows: [(*r[:at], value, *r[at + 1:]) if i == row else r for i, r in enumerate(rows)])
+
+
 BAD = [
     ("fine-tuned model missing", {"finetuned": lambda t, i: t / "chat_model" / "model.safetensors"},
      ["fine-tuned model", "not found", "run `dvc repro finetune`"]),
@@ -266,6 +421,16 @@ BAD = [
     ("no words requests", {"chat": _without("words")},
      ["no words requests", "raise data.test_fraction or chat_data.mix.words", "dvc repro chat_data"]),
     ("no character requests", {"chat": _without("character")}, ["no character requests", "chat_data.mix.character"]),
+    ("held-out table missing", {"chat": lambda t, i: write_chat(t / "seen_only", unseen=False)},
+     ["seen_only/test_unseen.parquet not found; rerun `dvc repro chat_data`"]),
+    ("held-out table of another reply", {"chat": _other(1, "reply", "Max ran.")},
+     ["test_unseen.parquet does not line up with test.parquet: row 1 has another reply",
+      "; rerun `dvc repro chat_data`"]),
+    ("held-out table of other words", {"chat": _other(0, "words", ["ball"])},
+     ["row 0 has another words", "; rerun `dvc repro chat_data`"]),
+    ("held-out table of another kind", {"chat": _other(6, "kind", "plain")}, ["row 6 has another kind"]),
+    ("held-out table a row short", {"chat": _misaligned(lambda rows: rows[:-1])},
+     ["test_unseen.parquet has 6 rows but test.parquet has 7", "; rerun `dvc repro chat_data`"]),
 ]
 
 
