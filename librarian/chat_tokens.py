@@ -23,11 +23,17 @@ way chat produces it:
 
 Every reply token is scored by exactly one window, so the mean over windows is the mean over
 reply tokens: the chat val loss that early stopping watches, and evaluate_chat's reply loss.
+
+**The chat_tokens stage** tokenizes the train split's conversations, every variant of them
+(chat_data.variants), for pretraining on a mixture of stories and conversations (train.chat_share,
+librarian/mixture.py). With train.chat_share 0 it writes only a manifest that says so, the same
+bytes whatever the conversations: a change of chat_data then reruns this stage, but not train.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +45,8 @@ from tokenizers import Tokenizer
 from librarian.chat import ASSISTANT, USER, Turn, render_turn
 from librarian.data import TokenFile, WindowPlan, Windows, window_nats
 from librarian.errors import LibrarianError
-from librarian.tokenizer import EOT
+from librarian.io import atomic_dir, write_json
+from librarian.tokenizer import EOT, file_sha256, load_tokenizer
 from librarian.tokens import DTYPE
 
 SPLITS = ("train", "val", "test")
@@ -144,13 +151,18 @@ def chat_token_file(table: pd.DataFrame, tokenizer: Tokenizer, context_length: i
     tokens = np.concatenate([chat.tokens, np.full(context_length + 1, eot, dtype=DTYPE)])
     mask = np.concatenate([chat.loss_mask, np.zeros(context_length + 1, dtype=np.uint8)])
     plan = reply_windows(chat, context_length, stride, first_only)
-    digest = hashlib.sha256()
-    for array in (tokens, mask, plan.starts, plan.score_from, plan.score_to):
-        digest.update(array.tobytes())
     meta = {"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "tokens": len(tokens),
             "reply_tokens": int(mask.sum()), "conversations": int(table["conversation"].nunique()),
-            "windows": len(plan.starts), "sha256": digest.hexdigest(), "tokenizer_sha256": tokenizer_sha256}
+            "windows": len(plan.starts), "sha256": sha256_of(tokens, mask, plan.starts, plan.score_from, plan.score_to),
+            "tokenizer_sha256": tokenizer_sha256}
     return TokenFile(tokens, meta, mask, plan)
+
+
+def sha256_of(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -165,3 +177,81 @@ def reply_nats(model, token_file: TokenFile, batch_size: int) -> tuple[float, in
     finally:
         model.train(was_training)
     return nats, int(count)
+
+
+# --- the chat_tokens stage: conversations for pretraining ----------------------------------------
+
+MANIFEST = "chat_tokens.json"
+# Each variant's arrays: file suffix -> dtype. Raw little-endian arrays, no pickle.
+ARRAYS = {"tokens": DTYPE, "loss_mask": np.uint8, "conversation_starts": np.int64, "reply_spans": np.int64}
+REDO = "rerun `dvc repro chat_tokens`"
+
+
+def variant_tables(chat_dir: str | Path) -> list[Path]:
+    """train.parquet (variant 0), then train-v1.parquet, train-v2.parquet ... as chat_data wrote them."""
+    chat_dir = Path(chat_dir)
+    others = sorted(chat_dir.glob("train-v*.parquet"), key=lambda p: int(p.stem.removeprefix("train-v")))
+    expected = [f"train-v{v}.parquet" for v in range(1, len(others) + 1)]
+    if [p.name for p in others] != expected:
+        raise LibrarianError(f"{chat_dir} holds the variants {', '.join(p.name for p in others)}, not "
+                             f"{', '.join(expected)}; rerun `dvc repro -f chat_data`")
+    return [chat_dir / "train.parquet", *others]
+
+
+def build_chat_tokens(chat_dir: str | Path, tokenizer_path: str | Path, out_dir: str | Path, share: float) -> dict:
+    """Write every train variant's conversations as token arrays and a manifest (only the manifest at share 0)."""
+    if share == 0:
+        manifest = {"variants": [], "note": "train.chat_share is 0: training reads no conversations"}
+        with atomic_dir(out_dir) as tmp:
+            write_json(tmp / MANIFEST, manifest)
+        return manifest
+    tokenizer = load_tokenizer(tokenizer_path)
+    tables = variant_tables(chat_dir)
+    chats = [encode_conversations(tokenizer, conversations(read_chat(path.parent, path.stem))) for path in tables]
+    return write_chat_tokens(out_dir, chats, [path.name for path in tables], file_sha256(tokenizer_path),
+                             tokenizer.get_vocab_size(with_added_tokens=True))
+
+
+def write_chat_tokens(out_dir: str | Path, chats: list[ChatTokens], tables: list[str], tokenizer_sha256: str,
+                      vocab_size: int) -> dict:
+    """The variants' arrays and their manifest, atomically: what load_chat_tokens reads."""
+    manifest = {"variants": [], "tokenizer_sha256": tokenizer_sha256, "vocab_size": vocab_size}
+    with atomic_dir(out_dir) as tmp:
+        for v, (chat, table) in enumerate(zip(chats, tables, strict=True)):
+            for name in ARRAYS:
+                getattr(chat, name).tofile(tmp / f"variant-{v}.{name}.bin")
+            manifest["variants"].append({"table": table, "tokens": len(chat.tokens),
+                                         "reply_tokens": int(chat.loss_mask.sum()), "replies": len(chat.reply_spans),
+                                         "sha256": sha256_of(*(getattr(chat, name) for name in ARRAYS))})
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def load_chat_tokens(tokens_dir: str | Path, tokenizer_sha256: str | None, vocab_size: int) -> list[ChatTokens]:
+    """The chat_tokens stage's variants, checked against their manifest and the story tokens' tokenizer."""
+    tokens_dir = Path(tokens_dir)
+    try:
+        manifest = json.loads((tokens_dir / MANIFEST).read_text())
+        variants = manifest["variants"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LibrarianError(f"{tokens_dir / MANIFEST} is missing or unreadable; run `dvc repro chat_tokens`") from None
+    if not variants:
+        raise LibrarianError(f"{tokens_dir} holds no conversations (it was built with train.chat_share 0); {REDO}")
+    if manifest.get("tokenizer_sha256") != tokenizer_sha256 or manifest.get("vocab_size") != vocab_size:
+        raise LibrarianError(f"{tokens_dir} was tokenized with another tokenizer than the story tokens; {REDO}")
+    loaded = []
+    for v, meta in enumerate(variants):
+        arrays = {}
+        for name, dtype in ARRAYS.items():
+            path = tokens_dir / f"variant-{v}.{name}.bin"
+            if not path.is_file():
+                raise LibrarianError(f"{path} not found; {REDO}")
+            arrays[name] = np.fromfile(path, dtype=dtype)
+        arrays["reply_spans"] = arrays["reply_spans"].reshape(-1, 2)
+        chat = ChatTokens(**arrays)
+        if (sha256_of(*(getattr(chat, name) for name in ARRAYS)) != meta.get("sha256") or not len(chat.tokens)
+                or int(chat.tokens.max()) >= vocab_size) or len(chat.tokens) != len(chat.loss_mask):
+            raise LibrarianError(f"variant {v} in {tokens_dir} does not match its manifest (damaged or partly "
+                                 f"replaced); {REDO}")
+        loaded.append(chat)
+    return loaded

@@ -47,6 +47,7 @@ Count = Annotated[int, BeforeValidator(_integral)]
 PositiveInt = Annotated[Count, Field(ge=1)]
 NonNegativeInt = Annotated[Count, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
 
 
 class Section(BaseModel):
@@ -202,6 +203,12 @@ class TrainParams(LearningRateSchedule):
     log_every: PositiveInt  # a train loss and lr point every this many optimizer steps
     threads: NonNegativeInt
     deterministic: bool
+    # Pretraining on conversations too (librarian/mixture.py): the share of each epoch's windows drawn
+    # from the train split's conversations (0 = stories only, the card), where those windows start,
+    # and which of their tokens are targets.
+    chat_share: Share
+    chat_windows: Literal["stream", "aligned"]
+    chat_mask: Literal["all", "replies"]
 
     @model_validator(mode="after")
     def _batch_warmup_in_whole_steps(self):
@@ -232,7 +239,6 @@ class SamplesParams(SamplingParams):
     prompts: list[Annotated[str, Field(min_length=1)]]  # text to continue (samples) or requests (chat_samples)
 
 
-Share = Annotated[float, Field(ge=0, le=1)]
 REQUEST_KINDS = ("words", "character", "opening", "plain")
 
 
@@ -257,6 +263,7 @@ class ChatDataParams(Section):
     mix: RequestMix
     multi_turn: Share  # share of conversations with two turns: a first one from another story, then this story's
     words_within: NonNegativeInt  # requested words come from the story's first N words; 0 = anywhere
+    variants: PositiveInt  # the train split is built this many times, each with other requests (train.chat_share)
 
 
 class FinetuneParams(LearningRateSchedule):
@@ -273,6 +280,9 @@ class FinetuneParams(LearningRateSchedule):
     grad_clip: Annotated[float, Field(ge=0)]
     stride: PositiveInt  # new reply tokens per continuation window (see librarian/chat_tokens.py)
     reply_windows: Literal["first", "all"]  # first: only each reply's first window, the one with the request in view
+    # 0: the base model's context. Longer: fine-tune at a longer context than pretraining (RoPE only:
+    # a learned position table has no rows beyond the base model's context).
+    context_length: Annotated[Count, Field(ge=0, le=8192)]
 
 
 class EvaluateChatParams(SamplingParams):
@@ -295,6 +305,11 @@ class Params(Section):
     chat_samples: SamplesParams
 
     @model_validator(mode="after")
+    def _positions_exist(self):
+        check_positions(self.model.position, self.model.context_length, self.finetune.context_length)
+        return self
+
+    @model_validator(mode="after")
     def _strides_fit_context(self):
         # finetune.stride is checked against the base model's own context, when fine-tuning starts.
         for key, stride in (("train.stride", self.train.stride), ("eval.stride", self.eval.stride)):
@@ -304,6 +319,15 @@ class Params(Section):
                     "or tokens would be skipped"
                 )
         return self
+
+
+def check_positions(position: str, base_context: int, finetune_context: int) -> None:
+    """Refuse fine-tuning at a context beyond a learned position table (RoPE has no table to outgrow)."""
+    if position == "learned" and finetune_context > base_context:
+        raise ValueError(
+            f"finetune.context_length ({finetune_context}) is beyond the base model's learned position table "
+            f"({base_context} positions), which fine-tuning cannot extend; train the base model with "
+            "model.position: rope, or set finetune.context_length to 0 (the base model's context)")
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:

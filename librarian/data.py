@@ -136,6 +136,10 @@ class Windows:
     def __len__(self) -> int:
         return self.n
 
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's windows in training order (librarian/mixture.py's Mixture has the same interface)."""
+        return epoch_order(self.n, seed, epoch)
+
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs x and targets y (B, context_length); targets a window does not score are IGNORE."""
         indices = np.asarray(indices)

@@ -5,8 +5,9 @@ same curves), given other data and other starting weights:
 
 - the data: the conversations rendered in the chat format, with the loss on the assistant's tokens
   only and windows that keep each request in view (librarian/chat_tokens.py);
-- the weights: data/model/model.safetensors, whose architecture (and context) the run keeps;
-  only the dropout is the finetune section's;
+- the weights: data/model/model.safetensors, whose architecture the run keeps; only the dropout
+  is the finetune section's, and the context when finetune.context_length is set (a RoPE model
+  can learn a longer context than it was pretrained on; a learned position table cannot grow);
 - the schedule: the `finetune` section's keys replace the same keys of `train`; everything else of
   `train` (precision, device, threads, compile, fused loss, betas, accumulation) applies as it is,
   except the optimizer: fine-tuning is always AdamW (train.optimizer muon is for training from scratch).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from librarian.chat_tokens import chat_token_file, read_chat
 from librarian.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
-from librarian.config import ModelParams, Params, TrainParams
+from librarian.config import ModelParams, Params, TrainParams, check_positions
 from librarian.errors import LibrarianError
 from librarian.model import GPT, GPTConfig
 from librarian.runtime import setup_runtime
@@ -38,8 +39,14 @@ def finetune_params(params: Params, base: GPTConfig) -> Params:
     # AdamW always: finetune's lr is an AdamW lr, and train.muon_lr was tuned for training from scratch.
     # No batch warmup: it is for the first steps from random weights, and finetune has its own batch.
     train = TrainParams.model_validate({**params.train.model_dump(), **{k: getattr(ft, k) for k in TRAIN_KEYS},
-                                        "optimizer": "adamw", "batch_warmup_tokens": 0})
-    model = ModelParams.model_validate({**base.model_dump(exclude={"vocab_size"}), "dropout": ft.dropout})
+                                        "optimizer": "adamw", "batch_warmup_tokens": 0,
+                                        "chat_share": 0.0})  # its data is all conversations already
+    try:  # the base model may come from another run than params.yaml's model section
+        check_positions(base.position, base.context_length, ft.context_length)
+    except ValueError as exc:
+        raise LibrarianError(str(exc)) from None
+    model = ModelParams.model_validate({**base.model_dump(exclude={"vocab_size"}), "dropout": ft.dropout,
+                                        "context_length": ft.context_length or base.context_length})
     return params.model_copy(update={"train": train, "model": model})
 
 
@@ -64,7 +71,7 @@ def build_finetuner(params: Params, base_path: str | Path, chat_dir: str | Path,
     base, tokenizer, sha = load_base(base_path, tokenizer_path)
     run_params = finetune_params(params, base.config)
     runtime = setup_runtime(run_params.train)
-    ctx = base.config.context_length
+    ctx = run_params.model.context_length
     first_only = params.finetune.reply_windows == "first"
     train_split, val_split = (chat_token_file(read_chat(chat_dir, split), tokenizer, ctx, params.finetune.stride, sha,
                                               first_only) for split in ("train", "val"))

@@ -32,11 +32,13 @@ from librarian import distributed
 from librarian.batches import batch_at, cap_reason, plan_run
 from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params
-from librarian.data import TokenFile, Windows, epoch_order, load_train_val, window_nats
+from librarian.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
+from librarian.data import TokenFile, Windows, load_train_val, window_nats
 from librarian.environment import describe
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
 from librarian.io import atomic_dir, remove_dir, write_json
+from librarian.mixture import Mixture, chat_windows
 from librarian.model import GPT, GPTConfig
 from librarian.optimizer import build_optimizer, lr_at, set_lr
 from librarian.process import deferred_stops, lock_folder
@@ -166,7 +168,8 @@ class Trainer:
     """
 
     def __init__(self, params: Params, runtime: Runtime, train: TokenFile, val: TokenFile, paths: TrainPaths,
-                 init: GPT | None = None, name: str = "train", after_step: Callable[[Trainer], None] | None = None):
+                 init: GPT | None = None, name: str = "train", after_step: Callable[[Trainer], None] | None = None,
+                 chats: list[ChatTokens] = ()):
         self.params, self.tp, self.runtime, self.paths = params, params.train, runtime, paths
         self.name = name  # the stage, as its log lines say
         # Called after every optimizer step; it may end the run by setting progress.stop_reason
@@ -177,9 +180,10 @@ class Trainer:
         self.out_dir, self.state_dir, self.live_dir, self.speed_dir = (
             Path(paths.model), Path(paths.state), Path(paths.curves), Path(paths.speed))
         self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
-        self.fingerprint = fingerprint(params, [train.meta, val.meta], init)
+        self.fingerprint = fingerprint(params, [train.meta, val.meta] + [sha256_of(c.tokens, c.loss_mask) for c in chats],
+                                       init)
         ctx = params.model.context_length
-        self.train_windows = Windows(train.tokens, ctx, self.tp.stride, train.loss_mask, train.plan)
+        self.train_windows = self._train_windows(train, chats)
         self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask, val.plan)
         if self.tp.batch_size % self.world or (self.tp.batch_warmup_tokens and self.tp.batch_start % self.world):
             raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) and, with a batch warmup, train.batch_start "
@@ -204,6 +208,18 @@ class Trainer:
         self.progress = Progress()
         self.plan = plan_run(len(self.train_windows), self.tp, ctx)
         self.total_steps = self.plan.steps
+
+    def _train_windows(self, train: TokenFile, chats: list[ChatTokens]) -> Windows | Mixture:
+        """The story windows, or with train.chat_share a mixture of them and the conversations'."""
+        ctx, tp = self.params.model.context_length, self.tp
+        stories = Windows(train.tokens, ctx, tp.stride, train.loss_mask, train.plan)
+        if tp.chat_share == 0:
+            return stories
+        if not chats:
+            raise LibrarianError(f"train.chat_share is {tp.chat_share:g} but no conversations were given; run "
+                                 "`dvc repro chat_tokens` (or set train.chat_share to 0)")
+        eot = int(train.meta.get("eot_id", train.tokens[-1]))  # every token file ends with <|endoftext|>
+        return Mixture(stories, [chat_windows(c, ctx, tp, eot) for c in chats], tp.chat_share)
 
     # --- checkpoints ---
 
@@ -303,7 +319,7 @@ class Trainer:
         """The training loop proper: epochs of optimizer steps until a cap, early stopping or a stop request."""
         p, tp = self.progress, self.tp
         while p.epoch < tp.max_epochs and not p.stop_reason:
-            order = epoch_order(len(self.train_windows), self.params.seed, p.epoch)
+            order = self.train_windows.order(self.params.seed, p.epoch)
             started, tokens_before = time.perf_counter(), p.tokens_seen
             bar.set_description(f"epoch {p.epoch + 1}/{planned_epochs}", refresh=False)
             while self.epoch_has_room() and not p.stop_reason:
@@ -452,9 +468,9 @@ class _Curves:
                 repo.close()
 
 
-def train(params: Params, tokens_dir: str | Path, paths: TrainPaths) -> Progress:
-    """Train on tokens_dir's train and val splits."""
-    return run_locked(paths, lambda: build_trainer(params, tokens_dir, paths))
+def train(params: Params, tokens_dir: str | Path, paths: TrainPaths, chat_tokens_dir: str | Path | None = None) -> Progress:
+    """Train on tokens_dir's train and val splits (and, with train.chat_share, chat_tokens_dir's conversations)."""
+    return run_locked(paths, lambda: build_trainer(params, tokens_dir, paths, chat_tokens_dir=chat_tokens_dir))
 
 
 def run_locked(paths: TrainPaths, build: Callable[[], Trainer]) -> Progress:
@@ -469,8 +485,15 @@ def run_locked(paths: TrainPaths, build: Callable[[], Trainer]) -> Progress:
 
 
 def build_trainer(params: Params, tokens_dir: str | Path, paths: TrainPaths,
-                  after_step: Callable[[Trainer], None] | None = None) -> Trainer:
+                  after_step: Callable[[Trainer], None] | None = None,
+                  chat_tokens_dir: str | Path | None = None) -> Trainer:
     """setup, then data, then the Trainer: what the train stage runs (the benchmarks time the same)."""
     runtime = setup_runtime(params.train)
     train_split, val_split = load_train_val(tokens_dir)
-    return Trainer(params, runtime, train_split, val_split, paths, after_step=after_step)
+    chats = []
+    if params.train.chat_share > 0:
+        if chat_tokens_dir is None:
+            raise LibrarianError(f"train.chat_share is {params.train.chat_share:g} but no chat tokens folder was "
+                                 "given (data/chat_tokens); set train.chat_share to 0 or pass it")
+        chats = load_chat_tokens(chat_tokens_dir, train_split.meta.get("tokenizer_sha256"), train_split.vocab_size)
+    return Trainer(params, runtime, train_split, val_split, paths, after_step=after_step, chats=chats)

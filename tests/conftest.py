@@ -144,6 +144,40 @@ def stories(n_stories: int, seed: int):
     return np.array(out)
 
 
+def chat_variants(n_variants: int, conversations: int, seed: int):
+    """Learnable token conversations (librarian.chat_tokens.ChatTokens), one per variant: a request
+    (a counting run from 40, mask 0) then its reply (a counting run from a random start, mask 1,
+    with the closing <|endoftext|> 0)."""
+    import numpy as np
+
+    from librarian.chat_tokens import ChatTokens
+
+    variants = []
+    for v in range(n_variants):
+        rng = np.random.default_rng([seed, v])
+        tokens, mask, conv_starts, spans = [], [], [], []
+        for _ in range(conversations):
+            request = list(range(40, 40 + int(rng.integers(2, 6))))
+            start = int(rng.integers(1, 30))
+            reply = [*range(start, start + int(rng.integers(6, 14))), 0]
+            conv_starts.append(len(tokens))
+            spans.append((len(tokens) + len(request), len(tokens) + len(request) + len(reply)))
+            tokens += request + reply
+            mask += [0] * len(request) + [1] * len(reply)
+        variants.append(ChatTokens(np.array(tokens, dtype=np.uint16), np.array(mask, dtype=np.uint8),
+                                   np.array(conv_starts, dtype=np.int64), np.array(spans, dtype=np.int64)))
+    return variants
+
+
+def write_chat_variants(directory: Path, n_variants: int = 2, conversations: int = 120, seed: int = 3) -> Path:
+    """A chat_tokens stage output of chat_variants(), for the token files of write_tokens (vocab VOCAB)."""
+    from librarian.chat_tokens import write_chat_tokens
+
+    tables = [f"train-v{v}.parquet" if v else "train.parquet" for v in range(n_variants)]
+    write_chat_tokens(directory, chat_variants(n_variants, conversations, seed), tables, "test", VOCAB)
+    return directory
+
+
 def tiny_tokenizer(path: Path, stories: int = 100):
     """A real byte-level BPE (vocab 400) trained on the first fixture stories, saved at `path`."""
     from librarian.config import TokenizerParams

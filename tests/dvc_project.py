@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import ROOT, set_dotted
 
 STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples",
-          "chat_data", "finetune", "evaluate_chat", "chat_samples"]
+          "chat_data", "chat_tokens", "finetune", "evaluate_chat", "chat_samples"]
 # A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
 TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff": 64, "model.context_length": 32,
         "train.stride": 32, "eval.stride": 16, "train.batch_size": 8, "train.max_steps": 12, "train.max_epochs": 2,

@@ -139,8 +139,9 @@ class Ctx:
         return ["stages.tokenize", str(clean or self.world.clean), str(tokenizer or self.world.tokenizer),
                 self.out("tokens"), "--params", self.params(**overrides)]
 
-    def train(self, tokens: Path | None = None, **overrides) -> list[str]:
-        return ["stages.train", str(tokens or self.world.tokens), self.out("model"), self.out("train"),
+    def train(self, tokens: Path | None = None, chat_tokens: Path | None = None, **overrides) -> list[str]:
+        return ["stages.train", str(tokens or self.world.tokens), str(chat_tokens or self.world.tokens.parent / "chat_tokens"),
+                self.out("model"), self.out("train"),
                 self.out("train_speed"), self.out("train_state"), "--params", self.params(**overrides)]
 
     def evaluate(self, model: Path | None = None, tokens: Path | None = None, **overrides) -> list[str]:
@@ -153,6 +154,10 @@ class Ctx:
 
     def chat_data(self, clean: Path | None = None, **overrides) -> list[str]:
         return ["stages.chat_data", str(clean or self.world.clean), self.out("chat"), self.out("chat_data.json"),
+                "--params", self.params(**overrides)]
+
+    def chat_tokens(self, chat: Path | None = None, **overrides) -> list[str]:
+        return ["stages.chat_tokens", str(chat or self.tmp / "chat"), str(self.world.tokenizer), self.out("chat_tokens"),
                 "--params", self.params(**overrides)]
 
     def finetune(self, base: Path | None = None, chat: Path | None = None, **overrides) -> list[str]:
@@ -566,6 +571,28 @@ CASES = [
      ["finetune.stride (999)", "lower finetune.stride"]),
     ("finetune/reply_windows unknown", lambda c: c.finetune(**{"finetune.reply_windows": "last"}),
      ["finetune.reply_windows", "'first' or 'all'"]),
+    ("finetune/learned positions beyond the table",
+     lambda c: c.finetune(chat=chat_folder(c), **{"finetune.context_length": 4 * CTX}),
+     [f"finetune.context_length ({4 * CTX}) is beyond the base model's learned position table", "model.position: rope"]),
+    # conversations in pretraining (train.chat_share, chat_data.variants; more cases in tests/test_mixture.py)
+    ("params/chat share above 1", lambda c: c.train(**{"train.chat_share": 1.5}),
+     ["train.chat_share: input should be less than or equal to 1"]),
+    ("params/chat share below 0", lambda c: c.train(**{"train.chat_share": -0.25}),
+     ["train.chat_share: input should be greater than or equal to 0"]),
+    ("params/variants below 1", lambda c: c.chat_data(**{"chat_data.variants": 0}),
+     ["chat_data.variants: input should be greater than or equal to 1"]),
+    ("params/unknown chat window placement", lambda c: c.train(**{"train.chat_windows": "random"}),
+     ["train.chat_windows", "'stream' or 'aligned'"]),
+    ("params/learned positions beyond the table, at train",
+     lambda c: c.train(**{"finetune.context_length": 4 * CTX}),
+     [f"finetune.context_length ({4 * CTX}) is beyond the base model's learned position table"]),
+    ("chat_tokens/a chat share above 0 with no chat_data output", lambda c: c.chat_tokens(**{"train.chat_share": 0.5}),
+     ["chat/train.parquet not found", "run `dvc repro chat_data` first"]),
+    ("train/a chat share above 0 with no chat_tokens output", lambda c: c.train(**{"train.chat_share": 0.5}),
+     ["chat_tokens.json is missing or unreadable", "run `dvc repro chat_tokens`"]),
+    ("train/a chat share above 0, chat_tokens built at share 0",
+     lambda c: c.train(chat_tokens=share_zero_chat_tokens(c), **{"train.chat_share": 0.5}),
+     ["holds no conversations (it was built with train.chat_share 0)", "rerun `dvc repro chat_tokens`"]),
     # evaluate_chat: two models, the chat test split (more cases in tests/test_evaluate_chat.py)
     ("evaluate_chat/fine-tuned model missing", lambda c: c.evaluate_chat(chat_model=c.tmp / "nope.safetensors"),
      ["fine-tuned model", "not found", "run `dvc repro finetune`"]),
@@ -574,6 +601,14 @@ CASES = [
     ("evaluate_chat/no chat folder", lambda c: c.evaluate_chat(),
      ["chat/test.parquet not found", "dvc repro chat_data"]),
 ]
+
+
+def share_zero_chat_tokens(c: Ctx) -> Path:
+    """What the chat_tokens stage writes at train.chat_share 0: a manifest, no conversations."""
+    from librarian.chat_tokens import build_chat_tokens
+
+    build_chat_tokens(c.tmp / "chat", c.world.tokenizer, c.tmp / "manifest_only", 0.0)
+    return c.tmp / "manifest_only"
 
 
 def chat_folder(c: Ctx) -> Path:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MODEL, write_tokens
-from tests.conftest import VOCAB, stories
+from tests.conftest import ROOT, TINY_MODEL, VOCAB, stories, write_chat_variants, write_tokens
 
 
 def free_port() -> int:
@@ -24,14 +23,17 @@ def curve(live: Path, name: str) -> list[float]:
 
 
 def run_stage(launcher: list[str], params: Path, tokens: Path, out: Path) -> None:
-    args = ["-m", "stages.train", str(tokens), str(out / "model"), str(out / "live"), str(out / "speed"),
+    args = ["-m", "stages.train", str(tokens), str(tokens.parent / "chat_tokens"), str(out / "model"), str(out / "live"), str(out / "speed"),
             str(out / "state"), "--params", str(params)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, raw_params):
+# Mixed: a share of every epoch's windows from conversations (train.chat_share), two variants.
+@pytest.mark.parametrize("mixture", [{}, {"train.chat_share": 0.5, "train.chat_mask": "replies"}],
+                         ids=["stories", "stories and conversations"])
+def test_two_gloo_processes_match_one_process(tmp_path, raw_params, mixture):
     import yaml
 
     from tests.conftest import set_dotted
@@ -39,8 +41,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, raw_params):
     tokens = tmp_path / "tokens"
     write_tokens(tokens, "train", stories(150, seed=1), VOCAB)
     write_tokens(tokens, "val", stories(30, seed=2), VOCAB)
+    write_chat_variants(tmp_path / "chat_tokens", n_variants=2)
     # No dropout: its random masks are drawn per process, so they could not match anyway.
-    for key, value in {**TINY_MODEL, "model.dropout": 0.0, "train.max_epochs": 3}.items():
+    for key, value in {**TINY_MODEL, "model.dropout": 0.0, "train.max_epochs": 3, **mixture}.items():
         set_dotted(raw_params, key, value)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw_params))

@@ -243,3 +243,35 @@ def test_bad_input_is_one_line_and_leaves_nothing(finetune_project, case, fix):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and err.count("\n") == 1 and err.startswith("error:") and fix in err, err
     assert not (finetune_project / "data/chat_model").exists() and not (finetune_project / "metrics/finetune").exists()
+
+
+def test_a_rope_model_fine_tunes_at_a_longer_context_and_learned_positions_are_refused(finetune_project):
+    """finetune.context_length: RoPE has no position table, so the chat model may see more than the base did."""
+    from librarian.checkpoint import load_weights, save_weights
+    from librarian.config import load_params
+    from librarian.finetune import finetune
+    from librarian.tokenizer import file_sha256
+    from librarian.train import TrainPaths
+
+    data = finetune_project / "data"
+    learned = load_weights(data / "base.safetensors")
+    rope = GPT(learned.config.model_copy(update={"position": "rope"}))
+    save_weights(rope, data / "rope.safetensors", file_sha256(data / "tokenizer.json"))
+    raw = yaml.safe_load((finetune_project / "params.yaml").read_text())
+    set_dotted(raw, "model.position", "rope")
+    set_dotted(raw, "finetune.context_length", 2 * TINY_CONTEXT)
+    set_dotted(raw, "finetune.max_steps", 4)
+    (finetune_project / "long.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = load_params(finetune_project / "long.yaml")
+
+    def paths(name):
+        root = finetune_project / name
+        return TrainPaths(model=root / "model", curves=root / "live", speed=root / "speed", state=root / "state")
+
+    finetune(params, data / "rope.safetensors", data / "chat", data / "tokenizer.json", paths("long"))
+    tuned = load_weights(finetune_project / "long" / "model" / "model.safetensors")
+    assert tuned.config.context_length == 2 * TINY_CONTEXT and tuned.config.position == "rope"
+    # A base model with a learned table (params.yaml said rope, the file says otherwise) is refused at start.
+    with pytest.raises(LibrarianError, match=r"beyond the base model's learned position table \(32 positions\)"):
+        finetune(params, data / "base.safetensors", data / "chat", data / "tokenizer.json", paths("refused"))
+    assert not (finetune_project / "refused" / "model").exists()

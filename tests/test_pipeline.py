@@ -46,6 +46,8 @@ def test_second_repro_runs_nothing_and_dag_shows_the_chain(project):
                      ("train_tokenizer", "samples"),
                      # chat fine-tuning
                      ("clean", "chat_data"), ("chat_data", "finetune"), ("train", "finetune"),
+                     # conversations in pretraining (train.chat_share; a manifest only at share 0)
+                     ("chat_data", "chat_tokens"), ("train_tokenizer", "chat_tokens"), ("chat_tokens", "train"),
                      ("train_tokenizer", "finetune"), ("train", "evaluate_chat"), ("finetune", "evaluate_chat"),
                      ("chat_data", "evaluate_chat"), ("tokenize", "evaluate_chat"),
                      ("train_tokenizer", "evaluate_chat"), ("finetune", "chat_samples"),
@@ -100,12 +102,14 @@ def test_a_param_change_reruns_only_what_depends_on_it(project):
     before = (project / "data" / "clean" / "train.parquet").read_bytes()
     set_params(project, **{"tokenizer.vocab_size": 900})
     chat_model = ["finetune", "evaluate_chat", "chat_samples"]  # everything downstream of the base model
-    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate", "samples", *chat_model]
+    # chat_tokens reads the tokenizer, but at train.chat_share 0 writes the same manifest: train reruns for its tokens.
+    assert ran(dvc("repro", cwd=project)) == ["train_tokenizer", "tokenize", "train", "evaluate", "samples",
+                                              "chat_tokens", *chat_model]
     assert (project / "data" / "clean" / "train.parquet").read_bytes() == before
     assert json.loads((project / "data" / "tokens" / "train.json").read_text())["vocab_size"] == 900
     set_params(project, **{"clean.min_chars": 500})
     assert ran(dvc("repro", cwd=project)) == ["clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples",
-                                              "chat_data", *chat_model]
+                                              "chat_data", "chat_tokens", *chat_model]
     set_params(project, **{"eval.stride": 8})
     assert ran(dvc("repro", cwd=project)) == ["evaluate", "evaluate_chat"]
 
@@ -174,3 +178,28 @@ def test_a_finetune_param_reruns_only_the_chat_stages(project):
     finally:
         run(["git", "checkout", "--", "."], project)
         dvc("checkout", cwd=project)
+
+
+def test_chat_data_reruns_train_only_when_train_uses_conversations(project):
+    """chat_share 0: a new chat_data (more variants) reruns chat_data and chat_tokens, whose manifest
+    stays the same bytes, and nothing else; with a share, the conversations are training data."""
+    from tests.dvc_project import lock_outputs
+
+    dvc("repro", cwd=project)
+    before = lock_outputs(project)
+    set_params(project, **{"chat_data.variants": 3})
+    assert ran(dvc("repro", cwd=project)) == ["chat_data", "chat_tokens"]
+    after = lock_outputs(project)
+    assert {k for k in before if before[k] != after[k]} == {"data/chat", "metrics/chat_data.json"}
+    set_params(project, **{"train.chat_share": 0.5})
+    mixed = ran(dvc("repro", cwd=project))
+    assert mixed[:1] == ["train"] and "chat_tokens" in mixed and "chat_data" not in mixed
+    assert lock_outputs(project)["data/model"] != after["data/model"]
+    variants = sorted(p.name for p in (project / "data" / "chat_tokens").iterdir() if p.name.startswith("variant-"))
+    assert len(variants) == 3 * 4  # tokens, mask, conversation starts, reply spans of each variant
+    assert ran(dvc("repro", cwd=project)) == []
+    set_params(project, **{"chat_data.variants": 2})
+    assert ran(dvc("repro", cwd=project))[:1] == ["train"]  # now the conversations are train's data
+    set_params(project, **{"chat_data.variants": 1, "train.chat_share": 0.0})
+    dvc("repro", cwd=project)
+    assert lock_outputs(project)["data/model"] == before["data/model"]  # back to the plain run, byte for byte
