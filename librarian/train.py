@@ -33,7 +33,7 @@ from librarian.batches import batch_at, cap_reason, plan_run
 from librarian.checkpoint import TrainState, save_weights
 from librarian.config import Params
 from librarian.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
-from librarian.data import TokenFile, Windows, load_train_val, window_nats
+from librarian.data import IGNORE, TokenFile, Windows, load_train_val, window_nats
 from librarian.environment import describe
 from librarian.errors import LibrarianError
 from librarian.fused_loss import linear_cross_entropy
@@ -184,6 +184,9 @@ class Trainer:
                                        init)
         ctx = params.model.context_length
         self.train_windows = self._train_windows(train, chats)
+        # Whether training batches score some targets only (see _micro_weights).
+        self.train_windows_masked = (train.loss_mask is not None or train.plan is not None
+                                     or (bool(chats) and (self.tp.chat_mask == "replies" or self.tp.chat_windows == "aligned")))
         self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask, val.plan)
         if self.tp.batch_size % self.world or (self.tp.batch_warmup_tokens and self.tp.batch_start % self.world):
             raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) and, with a batch warmup, train.batch_start "
@@ -258,14 +261,17 @@ class Trainer:
         set_lr(self.optimizer, lr_at(p.global_step, tp, self.total_steps))
         batch = batch_at(p.tokens_seen, tp)
         share = batch // self.world
+        micro_batches = [self.train_windows.batch(order[start : start + share])
+                         for start in (p.windows_in_epoch + micro * batch + self.rank * share
+                                       for micro in range(tp.grad_accum))]
+        weights = self._micro_weights([y for _, y in micro_batches])
         losses = []
-        for micro in range(tp.grad_accum):
-            start = p.windows_in_epoch + micro * batch + self.rank * share
-            x, y = (t.to(self.device) for t in self.train_windows.batch(order[start : start + share]))
+        for micro, (x, y) in enumerate(micro_batches):
+            x, y = x.to(self.device), y.to(self.device)
             sync = micro == tp.grad_accum - 1 or self.world == 1
             with self._no_sync(not sync), self.runtime.autocast():
                 loss = self.net(x, y)
-            self.scaler.scale(loss / tp.grad_accum).backward()
+            self.scaler.scale(loss / tp.grad_accum if weights is None else loss * weights[micro]).backward()
             losses.append(loss.detach())
         if tp.grad_clip:
             self.scaler.unscale_(self.optimizer)
@@ -273,7 +279,24 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return distributed.mean(torch.stack(losses).mean(), self.world).item()
+        # The step's loss as its gradient weighs it: the mean over its scored targets.
+        mean = torch.stack(losses).mean() if weights is None else sum(l * w for l, w in zip(losses, weights))
+        return distributed.mean(mean, self.world).item()
+
+    def _micro_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
+        """What each micro-batch's mean loss is scaled by, so that the step's gradient is the mean
+        over all its scored targets, across micro-batches and processes (DDP averages the processes').
+
+        With a loss mask (fine-tuning, conversations with train.chat_mask: replies) micro-batches
+        score different numbers of targets, and a plain mean of their means would weigh a target of
+        a sparse batch more. Unmasked batches all score the same number, so dividing by grad_accum
+        (None) is exact; it is kept there, and for a single batch, so those runs keep their bits.
+        """
+        if not self.train_windows_masked or len(targets) * self.world == 1:
+            return None
+        counts = torch.tensor([float((y != IGNORE).sum()) for y in targets], dtype=torch.float64)
+        total = distributed.sum_(counts.sum().to(self.device), self.world).item()
+        return [float(n) * self.world / max(total, 1.0) for n in counts]
 
     @torch.no_grad()
     def val_loss(self) -> float:
