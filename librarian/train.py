@@ -4,6 +4,9 @@ The defaults are the card's: AdamW at lr 1e-4, batch 32, no accumulation, bf16 a
 (fp16 with a GradScaler on CUDA), early stopping after 5 epochs without a better validation loss,
 the last and the best checkpoint kept.
 
+With train.chat_share, a share of every epoch's windows are the train split's conversations
+(librarian/mixture.py, from the chat_tokens stage): the same loop, checkpoints and resume.
+
 Resume: the training state (weights, optimizer, GradScaler, RNG, data position, history) is saved
 atomically to a state folder that is *not* a DVC output, so DVC's clean-up before a rerun does not
 delete it. A rerun with the same params and data continues from it; on CPU it ends with weights
