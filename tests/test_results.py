@@ -28,6 +28,26 @@ def test_the_committed_reference_file_is_complete():
     assert all(len(shard["sha256"]) == 64 for shard in data["data"]["fingerprint"]["shards"])
 
 
+def test_the_chat_runs_hold_their_story_and_chat_metrics_and_their_size():
+    """Issue 21's chat runs: RoPE and other depths, so their size is their own, computed from their params."""
+    from librarian.config import GPTConfig
+    from librarian.model import GPT
+
+    data = json.loads((ROOT / "results" / "reference.json").read_text())
+    runs = data["chat_runs"]
+    assert "chat-recipe" in runs and "chat-plain-512" in runs
+    chat_keys = {"words_recall", "words_all", "character_recall", "words_recall_unseen", "character_recall_unseen",
+                 "multi_turn_recall", "story_perplexity", "reply_perplexity"}
+    for name, run in runs.items():
+        assert set(COLUMNS) <= set(run["metrics"]), name
+        assert chat_keys <= set(run["chat"]["base"]) and chat_keys <= set(run["chat"]["finetuned"]), name
+        assert run["n_params"] == GPT(GPTConfig(vocab_size=8000, **run["params"]["model"])).n_params(), name
+        assert run["params"]["data"]["source"] == "../shared/data/tinystories" and run["training"]["tokens_seen"] > 0
+    # The recipe's story model is compared with a plain run of the same tokens and architecture.
+    recipe, plain = runs["chat-recipe"], runs["chat-plain-512"]
+    assert recipe["params"]["model"] == plain["params"]["model"] and plain["params"]["train"]["chat_share"] == 0
+
+
 def test_compare_prints_every_reference_run_and_the_differences(tmp_path):
     reference = load_reference(ROOT / "results" / "reference.json")
     metrics = {**reference["card"], "loss": reference["card"]["loss"] + 0.5}
