@@ -103,7 +103,7 @@ def test_every_stage_survives_kills_at_random_points(built_project, tmp_path):
 # the size of the stage's output, so the stage dies in the middle of writing it.
 WRITE_LIMITS = {"download": 1000, "subsample": 1000, "clean": 1000, "train_tokenizer": 1000, "tokenize": 1000,
                 "train": 120_000, "evaluate": 400, "samples": 1000,
-                "chat_data": 1000, "finetune": 120_000, "evaluate_chat": 400, "chat_samples": 1000}
+                "chat_data": 1000, "chat_tokens": 40, "finetune": 120_000, "evaluate_chat": 400, "chat_samples": 1000}
 
 
 def _limit_file_size(limit: int):
