@@ -222,9 +222,14 @@ def write_chat_tokens(out_dir: str | Path, chats: list[ChatTokens], tables: list
                 getattr(chat, name).tofile(tmp / f"variant-{v}.{name}.bin")
             manifest["variants"].append({"table": table, "tokens": len(chat.tokens),
                                          "reply_tokens": int(chat.loss_mask.sum()), "replies": len(chat.reply_spans),
-                                         "sha256": sha256_of(*(getattr(chat, name) for name in ARRAYS))})
+                                         "sha256": chat_sha256(chat)})
         write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def chat_sha256(chat: ChatTokens) -> str:
+    """The digest of a variant's arrays, as its manifest records it."""
+    return sha256_of(*(getattr(chat, name) for name in ARRAYS))
 
 
 def load_chat_tokens(tokens_dir: str | Path, tokenizer_sha256: str | None, vocab_size: int) -> list[ChatTokens]:
@@ -249,7 +254,7 @@ def load_chat_tokens(tokens_dir: str | Path, tokenizer_sha256: str | None, vocab
             arrays[name] = np.fromfile(path, dtype=dtype)
         arrays["reply_spans"] = arrays["reply_spans"].reshape(-1, 2)
         chat = ChatTokens(**arrays)
-        if (sha256_of(*(getattr(chat, name) for name in ARRAYS)) != meta.get("sha256") or not len(chat.tokens)
+        if (chat_sha256(chat) != meta.get("sha256") or not len(chat.tokens)
                 or int(chat.tokens.max()) >= vocab_size) or len(chat.tokens) != len(chat.loss_mask):
             raise LibrarianError(f"variant {v} in {tokens_dir} does not match its manifest (damaged or partly "
                                  f"replaced); {REDO}")

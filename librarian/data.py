@@ -136,6 +136,11 @@ class Windows:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def masked(self) -> bool:
+        """Whether windows score only some of their targets, so batches differ in scored targets."""
+        return self.loss_mask is not None or self.plan is not None
+
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """The epoch's windows in training order (librarian/mixture.py's Mixture has the same interface)."""
         return epoch_order(self.n, seed, epoch)

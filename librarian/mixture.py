@@ -45,9 +45,10 @@ def cyclic_take(n: int, start: int, count: int, seed: int, purpose: str) -> np.n
 def chat_windows(chat: ChatTokens, context_length: int, tp: TrainParams, eot: int) -> Windows:
     """One variant's conversations as training windows, placed and scored as train.chat_windows and
     train.chat_mask say."""
-    mask = chat.loss_mask if tp.chat_mask == "replies" else np.ones_like(chat.loss_mask)
+    mask = chat.loss_mask if tp.chat_mask == "replies" else None  # None: every target
     if tp.chat_windows == "stream":
         return Windows(chat.tokens, context_length, tp.stride, mask)
+    mask = np.ones_like(chat.loss_mask) if mask is None else mask
     # A context of <|endoftext|> padding (never scored) makes the last conversation's window whole.
     pad = context_length + 1
     tokens = np.concatenate([chat.tokens, np.full(pad, eot, dtype=DTYPE)])
@@ -69,6 +70,10 @@ class Mixture:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def masked(self) -> bool:
+        return self.stories.masked or any(chat.masked for chat in self.chats)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
         """The epoch's windows in training order: its share of conversations from variant epoch mod V."""

@@ -187,9 +187,6 @@ class Trainer:
                                        init)
         ctx = params.model.context_length
         self.train_windows = self._train_windows(train, chats)
-        # Whether training batches score some targets only (see _micro_weights).
-        self.train_windows_masked = (train.loss_mask is not None or train.plan is not None
-                                     or (bool(chats) and (self.tp.chat_mask == "replies" or self.tp.chat_windows == "aligned")))
         self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask, val.plan)
         if self.tp.batch_size % self.world or (self.tp.batch_warmup_tokens and self.tp.batch_start % self.world):
             raise LibrarianError(f"train.batch_size ({self.tp.batch_size}) and, with a batch warmup, train.batch_start "
@@ -295,7 +292,7 @@ class Trainer:
         a sparse batch more. Unmasked batches all score the same number, so dividing by grad_accum
         (None) is exact; it is kept there, and for a single batch, so those runs keep their bits.
         """
-        if not self.train_windows_masked or len(targets) * self.world == 1:
+        if not self.train_windows.masked or len(targets) * self.world == 1:
             return None
         counts = torch.tensor([float((y != IGNORE).sum()) for y in targets], dtype=torch.float64)
         total = distributed.sum_(counts.sum().to(self.device), self.world).item()
