@@ -110,6 +110,12 @@ def fit_prompt(
     return render_prompt(history[len(history) - kept :], message), kept, message
 
 
+def prompt_budget(context_length: int, max_new_tokens: int) -> int:
+    """Tokens the prompt may use; the rest of the context is left for the reply."""
+    reply_room = max(1, min(max_new_tokens, context_length // 4))
+    return max(1, context_length - reply_room)
+
+
 class ChatSession:
     """The state of one conversation: history, generation options and the commands that change them."""
 
@@ -124,9 +130,7 @@ class ChatSession:
 
     @property
     def prompt_budget(self) -> int:
-        """Tokens the prompt may use; the rest of the context is left for the reply."""
-        reply_room = max(1, min(self.options.max_new_tokens, self.context_length // 4))
-        return max(1, self.context_length - reply_room)
+        return prompt_budget(self.context_length, self.options.max_new_tokens)
 
     def build_prompt(self, message: str) -> tuple[str, int, str]:
         """(prompt, history turns kept, message as used): see fit_prompt."""
@@ -252,27 +256,39 @@ def run_chat(
         say()
 
 
-def display(pieces: Iterator[str]) -> Iterator[str]:
-    """The reply as shown: no control characters, no whitespace before its start or after its end.
+class ReplyTrim:
+    """A reply's pieces as shown: no control characters, no whitespace before its start or after its end.
 
     Whitespace is held back until text follows it, so a reply that ends with a newline before the
-    next `User:` does not print a blank line.
+    next `User:` does not print a blank line. `librarian chat` and `librarian serve` both show replies so.
     """
-    started, pending = False, ""
+
+    def __init__(self):
+        self.started, self.pending = False, ""
+
+    def push(self, piece: str) -> str:
+        piece = strip_controls(piece)
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        body = piece.rstrip()
+        if not body:
+            self.pending += piece
+            return ""
+        shown, self.pending = self.pending + body, piece[len(body) :]
+        return shown
+
+
+def display(pieces: Iterator[str]) -> Iterator[str]:
+    """The reply as shown (ReplyTrim), piece by piece."""
+    trim = ReplyTrim()
     try:
         for piece in pieces:
-            piece = strip_controls(piece)
-            if not started:
-                piece = piece.lstrip()
-                if not piece:
-                    continue
-                started = True
-            body = piece.rstrip()
-            if body:
-                yield pending + body
-                pending = piece[len(body) :]
-            else:
-                pending += piece
+            shown = trim.push(piece)
+            if shown:
+                yield shown
     finally:
         close = getattr(pieces, "close", None)
         if close:

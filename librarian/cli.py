@@ -3,6 +3,7 @@
     librarian generate --prompt "Once upon a time" [--temperature 0.8 --top-k 50 --top-p 0.95 ...]
     librarian chat [--temperature ...]
     librarian export --format hf OUT [--force]
+    librarian serve [--host 127.0.0.1 --port 8000 --api-key KEY]
     librarian compare [--metrics metrics/metrics.json] [--reference results/reference.json]
     librarian runs [--all-commits]
     librarian plots [REV ...] [--out dvc_plots/offline]
@@ -79,6 +80,29 @@ def build_parser() -> Parser:
     export.add_argument("--force", action="store_true",
                         help="replace an earlier Librarian export at OUT (never a folder holding anything else)")
     add_model_options(export)
+
+    serve = add_command(commands, "serve", run_serve,
+                        help="an OpenAI-compatible HTTP API and a chat page in the browser",
+                        description="Serve the model over HTTP: /v1/chat/completions, /v1/completions and /v1/models "
+                                    "as OpenAI's API has them, /health, and a chat page at /. Concurrent requests "
+                                    f"share each decoding step. The model is {MODEL_RULE} (--model chooses); the "
+                                    "first line says which. Install with pip install -e '.[serve]'.")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 is every "
+                            "network interface: anyone who can reach the machine can use the model)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default: 8000; 0 = any free port)")
+    serve.add_argument("--api-key", default=os.environ.get("LIBRARIAN_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1 (default: $LIBRARIAN_API_KEY, else none)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model's id in the API (default: librarian-chat or librarian-base, by the model)")
+    serve.add_argument("--slots", type=int, default=64, help="sequences decoded together at most (default: 64)")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024,
+                       help="the most tokens a request may ask for (default: 1024)")
+    serve.add_argument("--max-request-bytes", type=int, default=262_144,
+                       help="the largest request body read (default: 262144)")
+    serve.add_argument("--threads", type=int, default=0,
+                       help="torch CPU threads; 0 = auto: the fastest for the model's size (default: 0)")
 
     compare = add_command(commands, "compare", run_compare,
                           help="compare a run's test metrics with the published reference runs",
@@ -242,6 +266,41 @@ def run_chat(args: argparse.Namespace) -> None:
 
     print(describe_model(args.model), flush=True)  # the line before the banner
     chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import signal
+
+    from librarian import process
+    from librarian.generate import Generator
+
+    try:
+        from librarian import server
+    except ImportError as exc:
+        raise LibrarianError(f"serve needs the serve extra ({exc.name} is missing); "
+                             "pip install -e '.[serve]'") from None
+    for name in ("slots", "max_tokens_limit", "max_request_bytes"):
+        if getattr(args, name) < 1:
+            raise LibrarianError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise LibrarianError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise LibrarianError("--api-key is empty; give a key, or leave the option out for no key")
+    generator = Generator.load(args.model, args.tokenizer)
+    use_threads(args, generator)
+    name = args.model_name or {CHAT_MODEL: "librarian-chat", BASE_MODEL: "librarian-base"}.get(
+        args.model, args.model.stem)
+    settings = server.ServeSettings(model_id=name, max_tokens_limit=args.max_tokens_limit,
+                                    max_request_bytes=args.max_request_bytes, api_key=args.api_key)
+    print(describe_model(args.model), flush=True)
+    try:
+        server.serve(generator, settings, args.host, args.port, args.slots)
+    except KeyboardInterrupt:
+        process.say("error: interrupted; the server stopped, and the replies in flight were ended")
+        sys.exit(process.exit_code(signal.SIGINT))
+    except process.Terminated:
+        process.say("error: terminated (SIGTERM); the server stopped, and the replies in flight were ended")
+        sys.exit(process.exit_code(signal.SIGTERM))
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -110,6 +110,59 @@ class KVCache:
         return keys[:, :, :end], values[:, :, :end]
 
 
+class SlotCache:
+    """Keys and values of many sequences decoded together (continuous batching), each at its own length.
+
+    Rows 0..rows-1 are in use, one sequence each; a sequence's prompt is run alone through a
+    KVCache and then loaded into a row (load), and a finished one is replaced by the last row
+    (move), so the rows in use stay a prefix and every step reads views, never gathers. A step
+    feeds one token per row; each row attends to its own length only (the mask), so rows never see
+    each other. Buffers are zeroed: a masked column then weighs 0 times a finite number.
+    """
+
+    def __init__(self, n_layer: int, slots: int, n_head: int, head_dim: int, context_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (slots, n_head, context_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.slots, self.context_length = slots, context_length
+        self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens cached per row; the next token's position
+        self.rows = 0
+
+    def load(self, row: int, cache: KVCache) -> None:
+        """Put a sequence's prefilled cache into `row`."""
+        for layer, (k, v) in enumerate(cache.buffers):
+            self.keys[layer][row, :, : cache.length] = k[0, :, : cache.length]
+            self.values[layer][row, :, : cache.length] = v[0, :, : cache.length]
+        self.lengths[row] = cache.length
+
+    def move(self, source: int, target: int) -> None:
+        """Copy row `source` over row `target` (the rows in use stay a prefix when one ends)."""
+        n = int(self.lengths[source])
+        for buffers in (self.keys, self.values):
+            for b in buffers:
+                b[target, :, :n] = b[source, :, :n]
+        self.lengths[target] = n
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Each row's position for the token of this step, shape (rows,)."""
+        return self.lengths[: self.rows]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's key and value (rows, H, 1, D) at each row's position; return the views
+        (rows, H, L, D) up to the longest row and the mask (rows, 1, 1, L) of each row's own columns."""
+        rows, positions = torch.arange(self.rows), self.positions
+        self.keys[layer][rows, :, positions] = k[:, :, 0]
+        self.values[layer][rows, :, positions] = v[:, :, 0]
+        end = int(positions.max()) + 1
+        mask = torch.arange(end) <= positions.view(-1, 1, 1, 1)
+        return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end], mask
+
+    def advance(self) -> None:
+        self.lengths[: self.rows] += 1
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -129,19 +182,26 @@ class CausalSelfAttention(nn.Module):
         else:
             self.rope_cos = self.rope_sin = None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | SlotCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        past = cache.length if cache is not None else 0
+        past = cache.length if isinstance(cache, KVCache) else 0
         # q, k and v as (B, H, T, D) views in one go: a decoding step pays per op, not per FLOP.
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.rope_cos is not None:
-            q = apply_rope(q, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
-            k = apply_rope(k, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
-        if cache is not None:
-            k, v = cache.extend(layer, k, v)
-        # Rows are the new tokens (positions past .. past+T-1), columns every token so far. A single
-        # new token may see every earlier one, so decoding steps need no mask at all.
-        mask = self.mask[:, :, past : past + T, : past + T] if T > 1 else None
+        if isinstance(cache, SlotCache):  # one token per row, each row at its own position
+            if self.rope_cos is not None:
+                cos, sin = (t[cache.positions].view(B, 1, 1, -1) for t in (self.rope_cos, self.rope_sin))
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v, mask = cache.extend(layer, k, v)
+            past = 1  # never the is_causal fast path below
+        else:
+            if self.rope_cos is not None:
+                q = apply_rope(q, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+                k = apply_rope(k, self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+            if cache is not None:
+                k, v = cache.extend(layer, k, v)
+            # Rows are the new tokens (positions past .. past+T-1), columns every token so far. A
+            # single new token may see every earlier one, so decoding steps need no mask at all.
+            mask = self.mask[:, :, past : past + T, : past + T] if T > 1 else None
         # Compiled training with dropout writes sdpa's maths out (as sdpa's math backend does), so
         # that the attention weights' mask comes from dropout() above rather than from bernoulli_.
         if self.fused and not (self.training and self.dropout > 0 and torch.compiler.is_compiling()):
@@ -190,7 +250,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | SlotCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
@@ -231,22 +291,31 @@ class GPT(nn.Module):
         """Parameter count with the tied embedding/head counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: KVCache | SlotCache | None = None) -> torch.Tensor:
         """The final hidden states (B, T, d_model) that the output head reads.
 
         With a cache, idx continues the cached tokens: their positions start at cache.length.
         """
         T = idx.size(1)
-        past = cache.length if cache is not None else 0
-        if past + T > self.config.context_length:
-            raise ValueError(f"sequence of {past + T} tokens exceeds the context length {self.config.context_length}")
         x = self.tok_emb(idx)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[past : past + T]  # rows past.. of the table: the positions' embeddings
+        if isinstance(cache, SlotCache):
+            if T != 1 or idx.size(0) != cache.rows or int(cache.positions.max()) >= self.config.context_length:
+                raise ValueError(f"a slot cache step takes one token for each of its {cache.rows} rows, "
+                                 f"within the context length {self.config.context_length}")
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(cache.positions).unsqueeze(1)
+        else:
+            past = cache.length if cache is not None else 0
+            if past + T > self.config.context_length:
+                raise ValueError(f"sequence of {past + T} tokens exceeds the context length {self.config.context_length}")
+            if self.pos_emb is not None:
+                x = x + self.pos_emb.weight[past : past + T]  # rows past.. of the table: the positions' embeddings
         x = dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
-        if cache is not None:
+        if isinstance(cache, SlotCache):
+            cache.advance()
+        elif cache is not None:
             cache.length += T
         return self.ln_f(x)
 
@@ -265,6 +334,10 @@ class GPT(nn.Module):
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layer, self.config.context_length)
+
+    def new_slot_cache(self, slots: int) -> SlotCache:
+        c, weight = self.config, self.tok_emb.weight
+        return SlotCache(c.n_layer, slots, c.n_head, c.d_model // c.n_head, c.context_length, weight.dtype, weight.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """Logits (B, T, vocab) for token ids (B, T); with targets, also the mean cross-entropy."""
