@@ -67,7 +67,9 @@ class Engine:
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
         self.closing = False
-        self.steps = 0  # batched steps run: lets tests see that sequences shared them
+        self.steps = 0  # decoding steps run
+        self.cancelled = 0  # sequences stopped before their end (a client went away)
+        self.peak_rows = 0  # the most sequences one step has decoded: tests see that requests shared steps
         self.thread = threading.Thread(target=self._run, name="librarian-decode", daemon=True)
         self.thread.start()
 
@@ -154,6 +156,7 @@ class Engine:
             job = self.rows[row]
             if job.cancelled or job.finish_reason is not None or job.decoding.finish_reason is not None:
                 if job.finish_reason is None:
+                    self.cancelled += job.cancelled
                     self._end(job, FINISH_CANCELLED if job.cancelled else job.decoding.finish_reason)
                 last = len(self.rows) - 1
                 if row != last:
@@ -185,8 +188,13 @@ class Engine:
     def _decode_rows(self, skip: set[int]) -> None:
         """One forward pass over every row; rows in `skip` (refilled this step) are fed and then undone."""
         last = torch.tensor([[job.decoding.ids[-1]] for job in self.rows], device=self.device)
-        logits = self.model.next_logits(self.model.hidden(last, self.cache)[:, 0]).cpu()
+        hidden = self.model.hidden(last, self.cache)[:, 0]
+        # One row takes generate_ids' matrix-vector product for the head: a lone request's tokens are then
+        # generate's, bit for bit.
+        logits = (self.model.next_logits(hidden[0]).unsqueeze(0) if len(self.rows) == 1
+                  else self.model.next_logits(hidden)).cpu()
         self.steps += 1
+        self.peak_rows = max(self.peak_rows, len(self.rows))
         for row in skip:  # their key and value went past their length: masked, and overwritten next
             self.cache.lengths[row] -= 1
         rows = [row for row in range(len(self.rows)) if row not in skip]

@@ -372,6 +372,7 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings) ->
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_id, "active": engine.active, "slots": engine.slots,
+                "steps": engine.steps, "peak_batch": engine.peak_rows, "cancelled": engine.cancelled,
                 "context_length": server.context_length, "max_tokens_limit": settings.max_tokens_limit,
                 "auth": settings.api_key is not None}
 
