@@ -322,7 +322,9 @@ def test_error_messages_name_the_fix(served):
 # --- the command ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_ends_the_replies_in_flight_cleanly_and_exits_143(files):
+@pytest.mark.parametrize("stop_signal, line", [(signal.SIGTERM, "error: terminated (SIGTERM); the server stopped"),
+                                               (signal.SIGINT, "error: interrupted; the server stopped")])
+def test_a_stop_signal_ends_the_replies_in_flight_cleanly_with_one_line(files, stop_signal, line):
     server = Served(*files)
     body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 500, "stream": True,
             "stop": ["\u2603\u2603\u2603"]}
@@ -333,14 +335,15 @@ def test_sigterm_ends_the_replies_in_flight_cleanly_and_exits_143(files):
                 if line.startswith("data: "):
                     events.append(line[6:])
                     if len(events) == 3:
-                        server.process.send_signal(signal.SIGTERM)
+                        server.process.send_signal(stop_signal)
+        server.process.wait(timeout=30)  # it stops by itself
     finally:
         code, stderr = server.stop()
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert len(events) < 500
-    assert code == 128 + signal.SIGTERM
-    assert stderr.strip().splitlines()[-1].startswith("error: terminated (SIGTERM); the server stopped")
+    assert code == 128 + stop_signal
+    assert stderr.strip().splitlines() == [stderr.strip().splitlines()[0]] and stderr.startswith(line), stderr
     assert "Traceback" not in stderr
 
 
