@@ -33,6 +33,7 @@ from librarian.model import GPT
 
 log = logging.getLogger("librarian.serve")
 
+ADMIT_PER_STEP = 4
 FINISH_CANCELLED = "cancelled"  # the client went away, or the server stops
 FINISH_ERROR = "error"
 
@@ -166,7 +167,11 @@ class Engine:
                 self.cache.rows = len(self.rows)
 
     def _admit(self) -> None:
-        while len(self.rows) < self.slots:
+        """Prefill waiting requests into free rows, at most ADMIT_PER_STEP a step: a burst of arrivals
+        then delays the running sequences by a few prefills a step, not by all of them at once."""
+        admitted = 0
+        while len(self.rows) < self.slots and admitted < ADMIT_PER_STEP:
+            admitted += 1
             with self.wake:
                 if not self.waiting:
                     return

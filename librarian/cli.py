@@ -274,11 +274,6 @@ def run_serve(args: argparse.Namespace) -> None:
     from librarian import process
     from librarian.generate import Generator
 
-    try:
-        from librarian import server
-    except ImportError as exc:
-        raise LibrarianError(f"serve needs the serve extra ({exc.name} is missing); "
-                             "pip install -e '.[serve]'") from None
     for name in ("slots", "max_tokens_limit", "max_request_bytes"):
         if getattr(args, name) < 1:
             raise LibrarianError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -286,21 +281,29 @@ def run_serve(args: argparse.Namespace) -> None:
         raise LibrarianError(f"--port must be between 0 and 65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise LibrarianError("--api-key is empty; give a key, or leave the option out for no key")
-    generator = Generator.load(args.model, args.tokenizer)
-    use_threads(args, generator)
-    name = args.model_name or {CHAT_MODEL: "librarian-chat", BASE_MODEL: "librarian-base"}.get(
-        args.model, args.model.stem)
-    settings = server.ServeSettings(model_id=name, max_tokens_limit=args.max_tokens_limit,
-                                    max_request_bytes=args.max_request_bytes, api_key=args.api_key)
-    print(describe_model(args.model), flush=True)
-    try:
-        server.serve(generator, settings, args.host, args.port, args.slots)
+    try:  # from here on, a stop is the server's, even while it loads
+        try:
+            from librarian import server
+        except ImportError as exc:
+            raise LibrarianError(f"serve needs the serve extra ({exc.name} is missing); "
+                                 "pip install -e '.[serve]'") from None
+        serve(args, server, Generator.load(args.model, args.tokenizer))
     except KeyboardInterrupt:
         process.say("error: interrupted; the server stopped, and the replies in flight were ended")
         sys.exit(process.exit_code(signal.SIGINT))
     except process.Terminated:
         process.say("error: terminated (SIGTERM); the server stopped, and the replies in flight were ended")
         sys.exit(process.exit_code(signal.SIGTERM))
+
+
+def serve(args: argparse.Namespace, server, generator) -> None:
+    use_threads(args, generator)
+    name = args.model_name or {CHAT_MODEL: "librarian-chat", BASE_MODEL: "librarian-base"}.get(
+        args.model, args.model.stem)
+    settings = server.ServeSettings(model_id=name, max_tokens_limit=args.max_tokens_limit,
+                                    max_request_bytes=args.max_request_bytes, api_key=args.api_key)
+    print(describe_model(args.model), flush=True)
+    server.serve(generator, settings, args.host, args.port, args.slots)
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -196,21 +196,31 @@ class TextStream:
     """Turn a stream of token ids into text pieces, safe at UTF-8 and stop-string boundaries.
 
     A byte-level BPE token can end mid-character, and a stop string ("User:") can arrive over
-    several tokens: a piece is only released once neither can still change it. Each push decodes
-    the whole reply so far: quadratic, but microseconds at the lengths a reply has.
+    several tokens: a piece is only released once neither can still change it. Tokens are decoded
+    incrementally: the ids up to the last whole character are decoded once and kept as text (a
+    byte-level BPE decodes a concatenation to the concatenation of the decodings), so a push
+    decodes only the token or two since then; `librarian serve` pushes every token of every stream.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...] = ()):
         self.decode, self.stop_strings = decode, stop_strings
         self.ids: list[int] = []
+        self.done_text, self.done_ids = "", 0  # the text of ids[:done_ids], which ends with a whole character
         self.released = 0  # characters of the decoded text already handed out
         self.stopped = False
 
+    def _text(self) -> str:
+        tail = self.decode(self.ids[self.done_ids :])
+        if not tail.endswith("\ufffd"):
+            self.done_text, self.done_ids = self.done_text + tail, len(self.ids)
+            return self.done_text
+        return self.done_text + tail
+
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
+        text = self._text()
         for stop in self.stop_strings:
-            at = text.find(stop)
+            at = text.find(stop, max(0, self.released - len(stop)))
             if at >= 0:
                 self.stopped = True
                 return self._release(text, at)
@@ -228,7 +238,7 @@ class TextStream:
         """Whatever was held back, once generation has ended without a stop string."""
         if self.stopped:
             return ""
-        text = self.decode(self.ids)
+        text = self._text()
         return self._release(text, len(text))
 
     def _release(self, text: str, end: int) -> str:

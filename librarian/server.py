@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -195,6 +196,7 @@ class Server:
     def __init__(self, generator: Generator, engine: Engine, settings: ServeSettings):
         self.generator, self.engine, self.settings = generator, engine, settings
         self.context_length = generator.model.config.context_length
+        self.mailbox: Mailbox | None = None  # made on the event loop, by the first request
 
     def chat_prompt(self, request: ChatRequest, options: GenerationOptions) -> str:
         history, message = conversation(request.messages)
@@ -206,10 +208,11 @@ class Server:
         ids = self.generator.encode(prompt)
         if not ids:
             raise APIError(400, "the prompt has no tokens; give some text", "prompt")
-        loop = asyncio.get_running_loop()
+        if self.mailbox is None:
+            self.mailbox = Mailbox(asyncio.get_running_loop())
         choices = []
         for i in range(n):
-            choice = Choice(self, i, len(ids[-self.context_length :]), stop_strings, loop)
+            choice = Choice(self, i, len(ids[-self.context_length :]), stop_strings, self.mailbox)
             try:
                 choice.job = self.engine.submit(ids, replace(options, seed=options.seed + i), (self.generator.eot,),
                                                 choice.emit)
@@ -222,19 +225,45 @@ class Server:
         return choices
 
 
+class Mailbox:
+    """Hands the engine's tokens to the event loop, waking it once per batch of them, not once per token.
+
+    The engine emits a token for every sequence of a step in a burst; waking the loop for each
+    (call_soon_threadsafe writes to its self-pipe) costs as much as the token's own handling.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, int | None]] = []
+
+    def post(self, queue: asyncio.Queue, item: int | None) -> None:  # on the engine's thread
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return  # a delivery is already on its way
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Choice:
     """One sequence of a request: the engine's tokens, turned into text pieces on the event loop."""
 
-    def __init__(self, server: Server, index: int, prompt_tokens: int, stop_strings: tuple[str, ...], loop):
+    def __init__(self, server: Server, index: int, prompt_tokens: int, stop_strings: tuple[str, ...],
+                 mailbox: Mailbox):
         self.server, self.index, self.prompt_tokens = server, index, prompt_tokens
         self.queue: asyncio.Queue[int | None] = asyncio.Queue()
-        self.loop = loop
+        self.mailbox = mailbox
         self.text = TextStream(server.generator.decode, stop_strings)
         self.job: Job | None = None
         self.finish_reason: str | None = None
 
     def emit(self, token: int | None) -> None:  # on the engine's thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, token)
+        self.mailbox.post(self.queue, token)
 
     def cancel(self) -> None:
         if self.job is not None and self.job.finish_reason is None:
@@ -244,19 +273,32 @@ class Choice:
     def completion_tokens(self) -> int:
         return self.job.tokens if self.job else 0
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """The text as it comes; self.finish_reason is set once it ends. A cancelled caller frees the row."""
+    async def batches(self, chat: bool) -> AsyncIterator[list[str]]:
+        """The text pieces of every token that has arrived, a list at a time (a stream writes each list
+        at once); chat replies are trimmed as `librarian chat` shows them. self.finish_reason is set at
+        the end. A caller that stops early (a client gone) frees the engine's row."""
+        trim = ReplyTrim() if chat else None
+        shown = (lambda piece: trim.push(piece)) if chat else (lambda piece: piece)  # noqa: E731
         try:
-            while (token := await self.queue.get()) is not None:
-                piece = self.text.push(token)
-                if piece:
-                    yield piece
-                if self.text.stopped:
-                    self.finish_reason = FINISH_STOP
-                    return
-            tail = self.text.finish()
-            if tail:
-                yield tail
+            ended = False
+            while not ended:
+                tokens = [await self.queue.get()]
+                while not self.queue.empty():
+                    tokens.append(self.queue.get_nowait())
+                pieces = []
+                for token in tokens:
+                    if token is None:
+                        ended = True
+                        break
+                    pieces.append(shown(self.text.push(token)))
+                    if self.text.stopped:
+                        self.finish_reason = FINISH_STOP
+                        yield [p for p in pieces if p]
+                        return
+                if ended:
+                    pieces.append(shown(self.text.finish()))
+                if any(pieces):
+                    yield [p for p in pieces if p]
             if self.job.finish_reason == FINISH_ERROR:
                 raise APIError(500, f"decoding failed ({self.job.error}); see the server's log", code="decoding_failed",
                                kind="server_error")
@@ -277,34 +319,26 @@ def usage(choices: list[Choice]) -> dict:
 
 
 async def collect(choice: Choice, chat: bool) -> str:
-    pieces = choice.pieces()
-    if chat:
-        pieces = adisplay(pieces)
-    return "".join([p async for p in pieces])
-
-
-async def adisplay(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The reply as `librarian chat` shows it (chat.ReplyTrim), for an async stream."""
-    trim = ReplyTrim()
-    async for piece in pieces:
-        shown = trim.push(piece)
-        if shown:
-            yield shown
+    return "".join(["".join(batch) async for batch in choice.batches(chat)])
 
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def merged(choices: list[Choice], chat: bool) -> AsyncIterator[tuple[Choice, str | None]]:
-    """(choice, piece) as the choices produce them, then (choice, None) when each one ends."""
+async def merged(choices: list[Choice], chat: bool) -> AsyncIterator[tuple[Choice, list[str] | None]]:
+    """(choice, pieces) as the choices produce them, then (choice, None) when each one ends."""
+    if len(choices) == 1:  # the usual case, without a task and a queue in between
+        async for batch in choices[0].batches(chat):
+            yield choices[0], batch
+        yield choices[0], None
+        return
     out: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice: Choice):
         try:
-            pieces = adisplay(choice.pieces()) if chat else choice.pieces()
-            async for piece in pieces:
-                await out.put((choice, piece))
+            async for batch in choice.batches(chat):
+                await out.put((choice, batch))
             await out.put((choice, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
             await out.put((choice, exc))
@@ -313,11 +347,11 @@ async def merged(choices: list[Choice], chat: bool) -> AsyncIterator[tuple[Choic
     try:
         for _ in range(len(choices)):
             while True:
-                choice, piece = await out.get()
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield choice, piece
-                if piece is None:
+                choice, batch = await out.get()
+                if isinstance(batch, BaseException):
+                    raise batch
+                yield choice, batch
+                if batch is None:
                     break
     finally:
         for task in tasks:
@@ -331,18 +365,6 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings) ->
     server = Server(generator, engine, settings)
     app.state.server = server
     page = resources.files("librarian").joinpath("web/chat.html").read_text(encoding="utf-8")
-
-    @app.middleware("http")
-    async def limits(request: Request, call_next):
-        try:
-            if request.url.path.startswith("/v1/"):
-                check_key(request, settings)
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-                raise too_large(int(length), settings)
-            return await call_next(request)
-        except APIError as exc:
-            return exc.response()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -376,16 +398,23 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings) ->
                 "context_length": server.context_length, "max_tokens_limit": settings.max_tokens_limit,
                 "auth": settings.api_key is not None}
 
-    @app.get("/v1/models")
+    # A plain dependency, not a middleware: Starlette's BaseHTTPMiddleware would relay every chunk of
+    # every stream through a memory channel of its own.
+    def authorize(request: Request) -> None:
+        check_key(request, settings)
+
+    authorized = [Depends(authorize)]
+
+    @app.get("/v1/models", dependencies=authorized)
     async def models():
         return {"object": "list", "data": [model_card(settings)]}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", dependencies=authorized)
     async def model(model_id: str):
         check_model(model_id, settings)
         return model_card(settings)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request):
         body = await read_body(request, settings)
         req = parse(ChatRequest, body)
@@ -395,7 +424,7 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings) ->
         choices = server.start(prompt, options, STOP_STRINGS + tuple(req.stop), req.n)
         return await respond(choices, req, chat=True, model_id=settings.model_id)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=authorized)
     async def completions(request: Request):
         body = await read_body(request, settings)
         req = parse(CompletionRequest, body)
@@ -437,11 +466,11 @@ async def respond(choices: list[Choice], req: Sampling, chat: bool, model_id: st
             for c in choices:
                 yield chunk(c, {"role": "assistant", "content": ""}, None, None)
         try:
-            async for choice, piece in merged(choices, chat):
-                if piece is None:
+            async for choice, batch in merged(choices, chat):
+                if batch is None:
                     yield chunk(choice, {}, "", choice.finish_reason)
-                else:
-                    yield chunk(choice, {"content": piece}, piece, None)
+                else:  # an event per piece, written together: one send for all that arrived at once
+                    yield "".join(chunk(choice, {"content": piece}, piece, None) for piece in batch)
         except APIError as exc:  # headers are sent: the error goes in the stream, as OpenAI does
             yield sse({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}})
             return
@@ -487,6 +516,9 @@ def too_large(size: int, settings: ServeSettings) -> APIError:
 
 async def read_body(request: Request, settings: ServeSettings) -> object:
     """The JSON body, read at most max_request_bytes far; one clear error for each way it can be wrong."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > settings.max_request_bytes:
+        raise too_large(int(length), settings)
     body = bytearray()
     async for part in request.stream():
         body += part
@@ -567,7 +599,8 @@ def serve(generator: Generator, settings: ServeSettings, host: str, port: int, s
             engine.stop()  # every reply ends now, cleanly: the connections can then close
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+    # uvloop and httptools (the serve extra) are uvicorn's fast event loop and HTTP parser.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", loop="auto", http="auto",
                             timeout_graceful_shutdown=5, ws="none")
     server = Uvicorn(config)
     bound_host, bound_port = sock.getsockname()[:2]
