@@ -41,7 +41,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import re
 import signal
 import statistics
@@ -68,16 +67,7 @@ SERVE_LINE = re.compile(r"serve: (http://\S+?)/ \(chat page\), API at \S+ for th
 GOAL_RATIO, GOAL_LEVEL, GOAL_TTFT_S = 6.0, 16, 1.0
 HEADERS: dict[str, str] = {}  # Authorization, for a --url server that wants a key (--api-key)
 
-
-def cpu_name() -> str:
-    """The CPU's model name as lscpu shows it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from generate_throughput import cpu_name  # noqa: E402 - a sibling script: its folder is on sys.path when run
 
 
 def percentile(values: list[float], q: float) -> float:
