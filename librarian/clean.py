@@ -7,6 +7,8 @@ metrics/clean.json so a change in the data shows up in `dvc metrics diff`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
 import unicodedata
 from collections import Counter
@@ -15,11 +17,12 @@ from pathlib import Path
 
 import ftfy
 import numpy as np
+import pyarrow as pa
 import regex
 
 from librarian.config import CleanParams, Params
 from librarian.errors import LibrarianError
-from librarian.io import atomic_dir, read_stories, write_json, write_stories
+from librarian.io import StoryWriter, atomic_dir, story_batches, story_writer, write_json
 from librarian.rng import rng_for
 
 # --- normalising rules -------------------------------------------------------------------------
@@ -163,6 +166,37 @@ def normalise(text: str, report: CleanReport | None = None) -> str:
     return text
 
 
+def story_key(text: str) -> bytes:
+    """What dedup remembers of a story: 16 bytes of BLAKE2b instead of its text (~800 characters).
+
+    In a Python set that is about 80 bytes a story (the bytes object and its slot): 170 MB for the
+    2.1 M stories of TinyStories, where their texts took 4 GB. Two different stories share a key
+    with a chance of about n² / 2^129, 10^-26 at that size: exact dedup in all but name.
+    """
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def clean_batch(stories, params: CleanParams, seen: set[bytes], report: CleanReport) -> list[str]:
+    """The stories of `stories` that survive normalising, the filters and dedup, in order.
+
+    A story whose key is in `seen` is a duplicate; each kept story's key is added to it, so batch
+    after batch of a split keep first occurrences only. `report` adds up what happened.
+    """
+    kept = []
+    for story in stories:
+        report.stories_in += 1
+        text = normalise(story, report)
+        key = story_key(text)
+        reason = rejection(text, params) or ("duplicate" if key in seen else None)
+        if reason:
+            report.dropped[reason] += 1
+            continue
+        seen.add(key)
+        kept.append(text)
+    report.stories_out += len(kept)
+    return kept
+
+
 def clean_stories(stories, params: CleanParams, seen: set[str] | None = None) -> tuple[list[str], CleanReport]:
     """Normalise, filter and exact-dedup `stories`, keeping first occurrences in order.
 
@@ -170,24 +204,12 @@ def clean_stories(stories, params: CleanParams, seen: set[str] | None = None) ->
     is kept free of stories that also appear in training data.
     """
     report = CleanReport()
-    seen = set() if seen is None else set(seen)
-    kept = []
-    for story in stories:
-        report.stories_in += 1
-        text = normalise(story, report)
-        reason = rejection(text, params) or ("duplicate" if text in seen else None)
-        if reason:
-            report.dropped[reason] += 1
-            continue
-        seen.add(text)
-        kept.append(text)
-    report.stories_out = len(kept)
+    kept = clean_batch(stories, params, {story_key(text) for text in seen or ()}, report)
     return kept, report
 
 
-def split_stories(stories: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Seeded split by whole story; each split keeps the corpus order."""
-    n = len(stories)
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded split of n clean stories by whole story: the (unsorted) indices of each split."""
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     for name, size, key in (("val", n_val, "val_fraction"), ("test", n_test, "test_fraction")):
         if size == 0:
@@ -197,38 +219,86 @@ def split_stories(stories: list[str], val_fraction: float, test_fraction: float,
     if n - n_val - n_test <= 0:
         raise LibrarianError(f"{n} clean stories leave no train split; lower data.val_fraction/test_fraction")
     order = rng_for(seed, "split").permutation(n)
-    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+
+
+def split_stories(stories: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded split by whole story; each split keeps the corpus order."""
+    parts = split_indices(len(stories), val_fraction, test_fraction, seed)
     return {name: [stories[i] for i in np.sort(idx)] for name, idx in parts.items()}
 
 
 SPLITS = ("train", "val", "test")
 OFFICIAL_VALIDATION = "official_validation"
+# The clean train pool between the two passes, inside the stage's temporary folder; removed before
+# that folder becomes data/clean, whose every *.parquet is a split.
+POOL = "pool.parquet"
+
+
+def clean_split(parquet: Path, writer: StoryWriter, params: CleanParams, seen: set[bytes]) -> CleanReport:
+    """Clean a split file batch by batch into `writer`; `seen` holds the key of every story kept."""
+    report = CleanReport()
+    for batch in story_batches(parquet):
+        writer.write(clean_batch(batch.column(0).to_pylist(), params, seen, report))
+    return report
+
+
+def split_labels(n: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """split_indices as the names of the splits and, for each of the n pool stories, the position of
+    its split among them: 1 byte a story, where the indices take 8."""
+    parts = split_indices(n, val_fraction, test_fraction, seed)
+    labels = np.empty(n, dtype=np.uint8)
+    for label, idx in enumerate(parts.values()):
+        labels[idx] = label
+    return tuple(parts), labels
+
+
+def write_splits(pool: Path, labels: np.ndarray, writers: list[StoryWriter]) -> None:
+    """Stream the pool into the writers of its splits (`labels` indexes `writers`), in corpus order."""
+    start = 0
+    for batch in story_batches(pool):
+        batch_labels = labels[start : start + batch.num_rows]
+        for label, writer in enumerate(writers):
+            writer.write(batch.filter(pa.array(batch_labels == label)))
+        start += batch.num_rows
 
 
 def clean_corpus(in_dir: str | Path, out_dir: str | Path, report_path: str | Path, params: Params) -> dict:
-    """Clean the sampled train split into train/val/test, and the official validation split if any."""
+    """Clean the sampled train split into train/val/test, and the official validation split if any.
+
+    In two passes, one batch of stories in memory at a time: the train pool is cleaned into a
+    temporary file while counted, which is all the seeded split needs; then that file is streamed
+    into the splits. Besides a batch, memory holds a key a story (see story_key) and, for the
+    split, 9 bytes a pool story (its permutation index and its split's label).
+    """
     in_dir = Path(in_dir)
     # pyarrow's own error for a missing file is a traceback-worthy OSError; say which stage makes it.
     if not (in_dir / "train.parquet").is_file():
         raise LibrarianError(f"{in_dir} has no train.parquet; run `dvc repro subsample` first")
-    pool, pool_report = clean_stories(read_stories(in_dir / "train.parquet"), params.clean)
-    if not pool:
-        # Otherwise the split would blame data.val_fraction for what the filters did.
-        dropped = ", ".join(f"{n} {reason}" for reason, n in pool_report.dropped.items() if n) or "none"
-        raise LibrarianError(
-            f"no story is left after cleaning {pool_report.stories_in} (dropped: {dropped}); "
-            "check clean.min_chars / clean.max_chars / clean.drop_fragments and data.source"
-        )
-    splits = split_stories(pool, params.data.val_fraction, params.data.test_fraction, params.seed)
-    report = {"train_pool": pool_report.as_dict()}
-    if (in_dir / "validation.parquet").exists():
-        # Stories that also occur in the training pool are dropped as duplicates: no leak into evaluation.
-        official, official_report = clean_stories(read_stories(in_dir / "validation.parquet"), params.clean, seen=set(pool))
-        splits[OFFICIAL_VALIDATION] = official
-        report[OFFICIAL_VALIDATION] = official_report.as_dict()
-    report["splits"] = {name: len(stories) for name, stories in splits.items()}
     with atomic_dir(out_dir) as tmp:
-        for name, stories in splits.items():
-            write_stories(tmp / f"{name}.parquet", stories)
+        seen: set[bytes] = set()
+        with story_writer(tmp / POOL) as pool:
+            pool_report = clean_split(in_dir / "train.parquet", pool, params.clean, seen)
+        if not pool.stories:
+            # Otherwise the split would blame data.val_fraction for what the filters did.
+            dropped = ", ".join(f"{n} {reason}" for reason, n in pool_report.dropped.items() if n) or "none"
+            raise LibrarianError(
+                f"no story is left after cleaning {pool_report.stories_in} (dropped: {dropped}); "
+                "check clean.min_chars / clean.max_chars / clean.drop_fragments and data.source"
+            )
+        names, labels = split_labels(pool.stories, params.data.val_fraction, params.data.test_fraction, params.seed)
+        report = {"train_pool": pool_report.as_dict()}
+        with contextlib.ExitStack() as stack:
+            writers = {name: stack.enter_context(story_writer(tmp / f"{name}.parquet")) for name in names}
+            write_splits(tmp / POOL, labels, list(writers.values()))
+        (tmp / POOL).unlink()
+        if (in_dir / "validation.parquet").exists():
+            # `seen` holds the whole train pool by now: its stories count as duplicates here, so
+            # none leaks into evaluation.
+            with story_writer(tmp / f"{OFFICIAL_VALIDATION}.parquet") as official:
+                official_report = clean_split(in_dir / "validation.parquet", official, params.clean, seen)
+            writers[OFFICIAL_VALIDATION] = official
+            report[OFFICIAL_VALIDATION] = official_report.as_dict()
+        report["splits"] = {name: writer.stories for name, writer in writers.items()}
     write_json(report_path, report)
     return report

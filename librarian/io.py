@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -136,17 +137,113 @@ def write_json(path: str | Path, data) -> None:
 
 # Readers stream one row group at a time, so its size, not the file's, bounds their memory.
 ROW_GROUP_STORIES = 4096
+STORY_COMPRESSION = "zstd"
+# What write_stories makes of a list of stories.
+STORY_SCHEMA = pa.schema([("text", pa.large_string())])
+# Stories a streaming stage (subsample, clean) reads at a time: with a row group per writer, what
+# bounds its memory. Tests make it tiny so that every stage goes through many batches.
+READ_BATCH_STORIES = 8192
 
 
 def write_stories(path: str | Path, stories: list[str] | pa.Table) -> None:
     """Stories as a one-column (`text`) parquet file: the format of every split under data/."""
     table = stories if isinstance(stories, pa.Table) else pa.table({"text": pa.array(stories, type=pa.large_string())})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_STORIES)
+        pq.write_table(table, tmp, compression=STORY_COMPRESSION, row_group_size=ROW_GROUP_STORIES)
 
 
 def read_stories(path: str | Path) -> list[str]:
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
+def open_stories(path: str | Path) -> pq.ParquetFile:
+    """A parquet file of stories, opened to be streamed.
+
+    A file that is not one fails as pq.read_table(path, columns=["text"]) fails, with which the
+    stages read whole files before they streamed them: the same first line, naming the problem.
+    """
+    try:
+        # pyarrow's default pre_buffer reads every row group's compressed pages ahead, memory that
+        # grows with the file (43 MB for 154 K stories); without it a row group is read when needed.
+        source = pq.ParquetFile(path, pre_buffer=False)
+    except pa.ArrowInvalid as exc:
+        raise pa.ArrowInvalid(f"Could not open Parquet input source '{path}': {exc}") from exc
+    if "text" not in source.schema_arrow.names:
+        source.close()
+        # iter_batches would quietly yield batches without columns.
+        raise pa.ArrowInvalid(f"No match for FieldRef.Name(text) in {source.schema_arrow}")
+    return source
+
+
+def story_batches(path: str | Path) -> Iterator[pa.RecordBatch]:
+    """The `text` column of a parquet file, READ_BATCH_STORIES rows at a time, in file order."""
+    with open_stories(path) as source:
+        yield from source.iter_batches(batch_size=READ_BATCH_STORIES, columns=["text"])
+
+
+def story_schema(path: str | Path) -> pa.Schema:
+    """The schema of `path`'s text column as pq.read_table reads it: the `text` field (string or
+    large_string) and the file's metadata (the hub's `huggingface` key), which a table keeps."""
+    with open_stories(path) as source:
+        schema = source.schema_arrow
+    return pa.schema([schema.field("text")], metadata=schema.metadata)
+
+
+class StoryWriter:
+    """Appends stories to a parquet file: the same bytes as write_stories of all of them at once,
+    with only a row group's worth of them held.
+
+    Rows are buffered and written ROW_GROUP_STORIES at a time, each row group copied into one
+    contiguous array: the parquet writer cuts pages by the arrays it is given, so the row groups
+    of write_table's single table are only matched by arrays laid out as its slices are.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.schema = schema
+        self.stories = 0
+        self._file = pq.ParquetWriter(path, schema, compression=STORY_COMPRESSION)
+        # Rows not yet in a row group: the pieces given to write(), not a copy of them.
+        self._pending = schema.empty_table()
+
+    def write(self, stories: list[str] | pa.Table | pa.RecordBatch) -> None:
+        if isinstance(stories, list):
+            stories = pa.array(stories, type=self.schema.field("text").type)
+        else:
+            stories = stories.column(0)
+        table = pa.Table.from_arrays([stories], schema=self.schema)
+        self._pending = pa.concat_tables([self._pending, table])
+        self.stories += table.num_rows
+        while self._pending.num_rows >= ROW_GROUP_STORIES:
+            self._write_row_group(ROW_GROUP_STORIES)
+
+    def _write_row_group(self, n: int) -> None:
+        self._file.write_table(self._pending.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP_STORIES)
+        self._pending = self._pending.slice(n)
+
+    def finish(self) -> None:
+        """Write the last, shorter row group and the footer. No stories at all make one empty row
+        group, as write_table writes for an empty table."""
+        if self._pending.num_rows or not self.stories:
+            self._write_row_group(self._pending.num_rows)
+        self._file.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def story_writer(path: str | Path, schema: pa.Schema = STORY_SCHEMA):
+    """Yield a StoryWriter for `path`, written atomically (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        writer = StoryWriter(tmp, schema)
+        try:
+            yield writer
+            writer.finish()
+        except BaseException:
+            # Only to let go of the file: the error that brought us here is the one to report.
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
 
 
 # How a full disk (or a quota, or a file-size limit) shows up: errno where the writer keeps it, else

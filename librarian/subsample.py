@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from librarian.errors import LibrarianError
-from librarian.io import atomic_dir, write_stories
+from librarian.io import StoryWriter, atomic_dir, open_stories, story_batches, story_schema, story_writer
 from librarian.rng import rng_for
 
 
@@ -23,16 +22,33 @@ def pick(n_stories: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(rng_for(seed, "subsample").choice(n_stories, size=keep, replace=False))
 
 
+def write_chosen(train: Path, chosen: np.ndarray, writer: StoryWriter) -> None:
+    """Stream `train` batch by batch into `writer`, keeping the rows whose indices are in `chosen` (sorted)."""
+    start = 0
+    for batch in story_batches(train):
+        first, end = np.searchsorted(chosen, [start, start + batch.num_rows])
+        # Arrow's take() copies only the chosen rows: the train split never becomes Python strings.
+        writer.write(batch.take(chosen[first:end] - start))
+        start += batch.num_rows
+
+
 def subsample(raw_dir: str | Path, out_dir: str | Path, fraction: float, seed: int) -> dict:
-    """Write out_dir/train.parquet (the sample) and copy the official validation split as it is."""
+    """Write out_dir/train.parquet (the sample) and copy the official validation split as it is.
+
+    The choice needs only the number of stories, from the file's footer; the stories are then
+    streamed a batch at a time, so memory holds one batch and the chosen indices (8 bytes each).
+    """
     raw_dir = Path(raw_dir)
-    if not (raw_dir / "train.parquet").is_file():
+    train = raw_dir / "train.parquet"
+    if not train.is_file():
         raise LibrarianError(f"{raw_dir} has no train.parquet; run `dvc repro download` first")
-    # Arrow's take() copies only the chosen rows: the full 2 GB train split never becomes Python strings.
-    table = pq.read_table(raw_dir / "train.parquet", columns=["text"])
-    sample = table.take(pick(table.num_rows, fraction, seed))
+    with open_stories(train) as source:
+        n_stories = source.metadata.num_rows
+    chosen = pick(n_stories, fraction, seed)
     with atomic_dir(out_dir) as tmp:
-        write_stories(tmp / "train.parquet", sample)
+        # The sample keeps the raw file's schema, as a table read from it would (the hub's metadata).
+        with story_writer(tmp / "train.parquet", story_schema(train)) as sample:
+            write_chosen(train, chosen, sample)
         if (raw_dir / "validation.parquet").exists():
             shutil.copyfile(raw_dir / "validation.parquet", tmp / "validation.parquet")
-    return {"stories_in": table.num_rows, "stories_out": sample.num_rows}
+    return {"stories_in": n_stories, "stories_out": sample.stories}

@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from librarian.clean import clean_corpus, clean_stories, is_fragment, normalise, repair_mojibake, split_stories
+from librarian.clean import (
+    OFFICIAL_VALIDATION,
+    SPLITS,
+    clean_corpus,
+    clean_stories,
+    is_fragment,
+    normalise,
+    repair_mojibake,
+    split_stories,
+)
 from librarian.errors import LibrarianError
 from librarian.io import read_stories, write_stories
 from tests.conftest import fixture_stories
@@ -153,3 +162,113 @@ def test_clean_corpus_on_the_fixture(tmp_path, make_params):
     assert sum(len(splits[k]) for k in ("train", "val", "test")) == pool["stories_out"]
     train = set(splits["train"])
     assert not train & set(splits["val"]) and not train & set(splits["test"]) and not train & set(splits["official_validation"])
+
+
+# --- streaming: READ_BATCH_STORIES stories at a time, whatever the corpus' size ---------------------
+
+ONE_BATCH = 10**9
+
+
+def write_subsample(directory, train, validation=None):
+    directory.mkdir(exist_ok=True)
+    write_stories(directory / "train.parquet", train)
+    if validation is not None:
+        write_stories(directory / "validation.parquet", validation)
+    return directory
+
+
+def fixture_with_duplicates(directory):
+    """The fixture's splits, with copies far behind their first occurrences: in train a verbatim one
+    and one that only normalising makes equal; in validation two train stories and one of its own."""
+    train, validation = fixture_stories(), fixture_stories("validation-sample.txt.gz")
+    copies = [train[3], train[5].replace(" ", "  ")]
+    return write_subsample(directory, train + copies, validation + [train[0], train[100], validation[4]])
+
+
+def clean_in_memory(src, params):
+    """What clean_corpus made before it streamed: every split built whole from lists of stories."""
+    pool, pool_report = clean_stories(read_stories(src / "train.parquet"), params.clean)
+    splits = split_stories(pool, params.data.val_fraction, params.data.test_fraction, params.seed)
+    official, official_report = clean_stories(read_stories(src / "validation.parquet"), params.clean, seen=set(pool))
+    splits[OFFICIAL_VALIDATION] = official
+    return splits, {"train_pool": pool_report.as_dict(), OFFICIAL_VALIDATION: official_report.as_dict(),
+                    "splits": {name: len(stories) for name, stories in splits.items()}}
+
+
+def clean_outputs(src, out, params, monkeypatch, batch):
+    """Every byte clean_corpus writes, file by file, reading `batch` stories at a time."""
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", batch)
+    report = clean_corpus(src, out / "clean", out / "clean.json", params)
+    return report, {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+
+
+def test_clean_corpus_in_tiny_batches_writes_the_bytes_of_one_batch(tmp_path, make_params, monkeypatch):
+    monkeypatch.setattr("librarian.io.ROW_GROUP_STORIES", 16)  # every split in many row groups
+    src, params = fixture_with_duplicates(tmp_path / "subsample"), make_params()
+    runs = {batch: clean_outputs(src, tmp_path / str(batch), params, monkeypatch, batch) for batch in (3, 7, ONE_BATCH)}
+    assert runs[3] == runs[7] == runs[ONE_BATCH]
+    report, files = runs[3]
+    # The temporary train pool is gone: the folder holds the splits only.
+    splits = sorted(f"clean/{name}.parquet" for name in report["splits"])
+    assert sorted(str(path) for path in files) == ["clean.json", *splits]
+    assert report["train_pool"]["dropped"]["duplicate"] == 2
+    assert report[OFFICIAL_VALIDATION]["dropped"]["duplicate"] == 3
+
+
+def test_clean_corpus_writes_what_the_in_memory_clean_wrote(tmp_path, make_params, monkeypatch):
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", 7)
+    # Numbered copies of the fixture, so that train fills a whole row group of ROW_GROUP_STORIES
+    # (4096): only then do its pages show how the rows reached the parquet writer.
+    stories = fixture_stories()
+    train = [f"{story} Copy {i}." for i in range(12) for story in stories]
+    src = write_subsample(tmp_path / "subsample", train + train[:9], fixture_stories("validation-sample.txt.gz"))
+    params = make_params()
+    report = clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", params)
+    splits, expected = clean_in_memory(src, params)
+    assert report == expected and json.loads((tmp_path / "clean.json").read_text()) == expected
+    for name, stories in splits.items():
+        write_stories(tmp_path / "expected.parquet", stories)  # as the in-memory clean wrote each split
+        written = (tmp_path / "clean" / f"{name}.parquet").read_bytes()
+        assert written == (tmp_path / "expected.parquet").read_bytes(), name
+
+
+def test_a_duplicate_in_a_later_batch_is_dropped_and_its_first_occurrence_kept(tmp_path, make_params, monkeypatch):
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", 7)
+    params = make_params()
+    stories = fixture_stories()[:40]
+    # Batch 0 holds the first occurrences, batch 5 their copies (one only equal once normalised).
+    src = write_subsample(tmp_path / "subsample", stories + [stories[3], "  " + stories[5].replace(" ", "  ")])
+    report = clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", params)
+    assert report["train_pool"]["dropped"]["duplicate"] == 2
+    # The splits of the corpus without the copies, in its order: the first occurrences were kept.
+    expected = split_stories(clean_stories(stories, params.clean)[0], params.data.val_fraction,
+                             params.data.test_fraction, params.seed)
+    assert {name: read_stories(tmp_path / "clean" / f"{name}.parquet") for name in SPLITS} == \
+        {name: expected[name] for name in SPLITS}
+
+
+def test_official_validation_in_batches_keeps_no_train_pool_story(tmp_path, make_params, monkeypatch):
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", 3)
+    params = make_params()
+    train, validation = fixture_stories(), fixture_stories("validation-sample.txt.gz")
+    # Two train stories (of the pool's first batch and of a later one), and a repeat of validation's
+    # own fifth story twelve batches after it.
+    src = write_subsample(tmp_path / "subsample", train, validation[:10] + [train[0], train[100]] + validation[10:]
+                          + [validation[4]])
+    report = clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", params)
+    assert report[OFFICIAL_VALIDATION]["dropped"]["duplicate"] == 3
+    official = read_stories(tmp_path / "clean" / f"{OFFICIAL_VALIDATION}.parquet")
+    assert official == clean_stories(validation, params.clean)[0]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"clean.min_chars": 5000}, "no story is left after cleaning 370 "),
+    ({"data.val_fraction": 0.001}, "data.val_fraction of 360 clean stories leaves the val split empty"),
+])
+def test_clean_corpus_in_batches_fails_as_before_and_writes_nothing(tmp_path, make_params, monkeypatch, overrides,
+                                                                    message):
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", 7)
+    src = write_subsample(tmp_path / "subsample", fixture_stories(), fixture_stories("validation-sample.txt.gz"))
+    with pytest.raises(LibrarianError, match=message):
+        clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", make_params(**overrides))
+    assert [path.name for path in tmp_path.iterdir()] == ["subsample"]  # no output, no temporary folder
