@@ -14,29 +14,26 @@ Two kinds of source:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import os
 import re
 import threading
 import warnings
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from librarian.errors import LibrarianError
-from librarian.io import atomic_dir, write_json, write_stories
-from librarian.tokenizer import EOT  # the separator of TinyStories-train.txt is the tokenizer's end-of-text
+from librarian.io import StoryWriter, atomic_dir, story_writer, write_json
+# read_shard: for tests and benchmarks, which read small shards whole
+from librarian.shards import SUFFIXES, first_line, read_shard, shard_batches, text_field  # noqa: F401
 
 HUB_PREFIX = "hf:"
-TEXT_FIELDS = ("text", "story")
 TRAIN, VALIDATION = "train", "validation"
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _VALIDATION_WORDS = {"valid", "validation"}
 OFFLINE_HINT = (
     "to work offline, point data.source in params.yaml at a local copy of TinyStories "
@@ -57,12 +54,17 @@ def download(source: str, out_dir: str | Path, root: str | Path = ".") -> dict:
     """Read `source` and write `out_dir/{train,validation}.parquet` and `manifest.json` atomically."""
     if source.startswith(HUB_PREFIX):
         return _download_hub(source, Path(out_dir))
-    corpus = read_local(resolve_local(source, Path(root)))
+    path = resolve_local(source, Path(root))
+    shards = _shards(path)
+    # A shard found bad halfway through raises inside atomic_dir: the splits written so far go with it.
     with atomic_dir(out_dir) as tmp:
-        for split, stories in corpus.splits.items():
-            write_stories(tmp / f"{split}.parquet", stories)
-        write_json(tmp / "manifest.json", corpus.manifest)
-    return corpus.manifest
+        with ExitStack() as writers:
+            def open_split(split: str) -> StoryWriter:
+                return writers.enter_context(story_writer(tmp / f"{split}.parquet"))
+
+            manifest = stream_local(path, shards, open_split)
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
 
 
 # --- the hub ---------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def _download_hub(source: str, out_dir: Path) -> dict:
             if split not in loaded:
                 continue
             ds = loaded[split]
-            column = _text_field(ds.column_names, f"hub dataset {name}")
+            column = text_field(ds.column_names, f"hub dataset {name}")
             ds = ds.select_columns([column]).rename_columns({column: "text"}) if column != "text" else ds.select_columns(["text"])
             # Streams in record batches: the full train split (about 2 GB of text) never sits in memory.
             ds.to_parquet(str(tmp / f"{split}.parquet"))
@@ -117,7 +119,7 @@ def _load_hub(name: str, revision: str | None):
         elif datasets.config.HF_HUB_OFFLINE and not_cached:
             reason = "HF_HUB_OFFLINE is set and the Hugging Face cache has no copy"
         else:
-            reason = _first_line(exc)
+            reason = first_line(exc)
         raise LibrarianError(f"cannot load {name} from the Hugging Face hub ({reason}); {OFFLINE_HINT}") from None
 
 
@@ -137,7 +139,7 @@ def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | 
             get_session().head(endpoint, timeout=timeout, follow_redirects=False)
             outcome.append(None)
         except Exception as exc:  # noqa: BLE001 - every transport failure means the same here
-            outcome.append(f"{type(exc).__name__}: {_first_line(exc)}")
+            outcome.append(f"{type(exc).__name__}: {first_line(exc)}")
 
     thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
     thread.start()
@@ -182,10 +184,6 @@ def _hub_offline(offline: bool):
         constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
 # --- local files -----------------------------------------------------------------------------
 
 
@@ -198,20 +196,47 @@ def resolve_local(source: str, root: Path) -> Path:
 
 
 def read_local(path: Path) -> Corpus:
-    shards = _shards(path)
-    corpus = Corpus(manifest={"source": str(path.name), "kind": "local", "shards": [], "splits": {}})
+    """Every story of a local source in memory, with its manifest: for benchmarks and tests on small corpora."""
+    corpus = Corpus()
+    corpus.manifest = stream_local(path, _shards(path), lambda split: _StoryList(corpus.splits.setdefault(split, [])))
+    return corpus
+
+
+class _StoryList:
+    """A StoryWriter's interface over a list, for read_local."""
+
+    def __init__(self, stories: list[str]):
+        self._stories = stories
+
+    @property
+    def stories(self) -> int:
+        return len(self._stories)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._stories.extend(batch.column(0).to_pylist())
+
+
+def stream_local(path: Path, shards: list[Path], open_split: Callable[[str], StoryWriter]) -> dict:
+    """Stream each shard, in name order, into the writer of its split (`open_split(split)`, called
+    at the split's first shard, gives a StoryWriter); the manifest (shards, sha256, counts)."""
+    manifest = {"source": str(path.name), "kind": "local", "shards": [], "splits": {}}
+    writers = {}
     for shard in shards:
         split = shard_split(shard) if path.is_dir() else TRAIN
-        stories = read_shard(shard)
-        corpus.splits.setdefault(split, []).extend(stories)
-        corpus.manifest["shards"].append(
+        if split not in writers:
+            writers[split] = open_split(split)
+        writer = writers[split]
+        before = writer.stories
+        for batch in shard_batches(shard):
+            writer.write(batch)
+        manifest["shards"].append(
             {"name": shard.relative_to(path).as_posix() if path.is_dir() else shard.name,
-             "split": split, "stories": len(stories), "sha256": _sha256(shard)}
+             "split": split, "stories": writer.stories - before, "sha256": _sha256(shard)}
         )
-    if not corpus.splits.get(TRAIN):
+    if TRAIN not in writers or not writers[TRAIN].stories:
         raise LibrarianError(f"data.source {path} holds no train stories; add train shards or fix the path")
-    corpus.manifest["splits"] = {split: {"stories": len(s)} for split, s in sorted(corpus.splits.items())}
-    return corpus
+    manifest["splits"] = {split: {"stories": writer.stories} for split, writer in sorted(writers.items())}
+    return manifest
 
 
 def _shards(path: Path) -> list[Path]:
@@ -232,104 +257,6 @@ def _hidden(path: Path, root: Path) -> bool:
 def shard_split(path: Path) -> str:
     words = set(re.split(r"[-_.\s]+", path.name.lower()))
     return VALIDATION if words & _VALIDATION_WORDS else TRAIN
-
-
-def read_shard(path: Path) -> list[str]:
-    name = path.name
-    if name.endswith(".parquet"):
-        return _read_parquet(path)
-    text = _read_text(path)
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return _parse_jsonl(text, path)
-    return _parse_txt(text)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise LibrarianError(f"cannot read {path}: {exc}; is it a complete, valid file?") from None
-    if b"\x00" in data:
-        raise LibrarianError(f"{path} holds binary data (NUL bytes), not text; point data.source at text files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise LibrarianError(
-            f"{path} is not valid UTF-8 (bad byte at offset {exc.start}); re-encode it as UTF-8"
-        ) from None
-
-
-def _parse_txt(text: str) -> list[str]:
-    # Stories sit between <|endoftext|> lines; the blank piece after the last separator is no story.
-    return [story.strip() for story in text.split(EOT) if story.strip()]
-
-
-def _parse_jsonl(text: str, path: Path) -> list[str]:
-    """The stories of a JSONL shard; every bad line is reported at once, so one edit fixes them all."""
-    stories, bad = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        story, problem = _jsonl_story(line)
-        if problem:
-            bad.append((number, problem))
-        else:
-            stories.append(story)
-    if bad:
-        raise LibrarianError(_bad_lines(path, bad))
-    return stories
-
-
-_JSONL_LINE = 'each line must be a JSON object with a string "text" or "story"'
-_NUMBERED, _EXPLAINED = 10, 3  # line numbers and kinds of problem shown: the message stays one short line
-
-
-def _bad_lines(path: Path, bad: list[tuple[int, str]]) -> str:
-    """How many lines are bad, the first line numbers, and the first line of each kind of problem."""
-    if len(bad) == 1:
-        number, problem = bad[0]
-        return f"{path} line {number} {problem}; fix or remove that line ({_JSONL_LINE})"
-    numbers = ", ".join(str(number) for number, _ in bad[:_NUMBERED]) + (", ..." if len(bad) > _NUMBERED else "")
-    first_of_kind = {problem: number for number, problem in reversed(bad)}
-    kinds = sorted(first_of_kind.items(), key=lambda kind: kind[1])
-    why = ", ".join(f"line {number} {problem}" for problem, number in kinds[:_EXPLAINED])
-    why += ", ..." if len(kinds) > _EXPLAINED else ""
-    return f"{path} has {len(bad)} bad lines ({numbers}): {why}; fix or remove them ({_JSONL_LINE})"
-
-
-def _jsonl_story(line: str) -> tuple[str | None, str | None]:
-    """(the story, None) from one JSONL line, or (None, what is wrong with it)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return None, f"is not valid JSON ({exc.msg})"
-    if not isinstance(record, dict):
-        return None, "is not a JSON object"
-    key = next((k for k in TEXT_FIELDS if k in record), None)
-    if key is None:
-        return None, "has no field 'text' or 'story'"
-    if not isinstance(record[key], str):
-        return None, f"has {json.dumps(key)}: {json.dumps(record[key])[:20]}"
-    return record[key], None
-
-
-def _read_parquet(path: Path) -> list[str]:
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise LibrarianError(f"{path} is not a readable parquet file ({exc}); re-download or re-export it") from None
-    column = _text_field(schema.names, str(path))
-    if not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
-        raise LibrarianError(f"{path} column {column!r} is {schema.field(column).type}, not text; it must hold strings")
-    stories = pq.read_table(path, columns=[column]).column(column).to_pylist()
-    return [s for s in stories if s is not None]
-
-
-def _text_field(names, where: str) -> str:
-    column = next((n for n in TEXT_FIELDS if n in names), None)
-    if column is None:
-        raise LibrarianError(f"{where} has columns {list(names)}; it needs a 'text' or 'story' column")
-    return column
 
 
 def _sha256(path: Path) -> str:

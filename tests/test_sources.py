@@ -280,3 +280,119 @@ def test_hub_source_writes_both_splits(tmp_path, monkeypatch):
 def test_malformed_hub_name_is_refused(tmp_path):
     with pytest.raises(LibrarianError, match="hf:<owner>/<name>"):
         download("hf:not a name", tmp_path / "raw")
+
+
+# --- streaming: bounded batches, the same bytes, a shard bad halfway through ---------------------
+
+def write_shard(path, stories, row_group_size=50):
+    """`stories` as a shard of the format `path`'s name says; parquet in small row groups, as a
+    string column (the hub's type), with a null (no story)."""
+    if path.name.endswith(".parquet"):
+        table = pa.table({"text": pa.array(stories + [None], type=pa.string())})
+        pq.write_table(table, path, row_group_size=row_group_size)
+    elif ".jsonl" in path.name:
+        path.write_text("".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in stories), encoding="utf-8")
+    else:
+        path.write_text(as_txt(stories), encoding="utf-8")
+
+
+def sharded_source(tmp_path, suffix):
+    """The fixture's stories (and STORIES) in two train shards and a validation shard; the stories
+    each split should hold."""
+    train, validation = STORIES + fixture_stories(), fixture_stories("validation-sample.txt.gz")
+    source = tmp_path / "src"
+    source.mkdir()
+    write_shard(source / f"train-0{suffix}", train[:200])
+    write_shard(source / f"train-1{suffix}", train[200:])
+    write_shard(source / f"validation{suffix}", validation)
+    expected = [s.strip() for s in train] if ".txt" in suffix else train
+    return source, {"train": expected, "validation": validation}
+
+
+def raw_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".txt"])
+def test_tiny_batches_write_the_bytes_of_one_batch(tmp_path, monkeypatch, suffix):
+    """Read 3 stories (or 5 bytes of text) at a time, or every shard in one batch: the same
+    data/raw, byte for byte, and the same bytes as write_stories of all the stories at once."""
+    import librarian.io
+    import librarian.shards
+
+    source, expected = sharded_source(tmp_path, suffix)
+    monkeypatch.setattr(librarian.io, "ROW_GROUP_STORIES", 7)  # many row groups in each split
+    runs = {}
+    for name, stories, text_bytes in (("one", 10**6, 1 << 30), ("tiny", 3, 5)):
+        monkeypatch.setattr(librarian.io, "READ_BATCH_STORIES", stories)
+        monkeypatch.setattr(librarian.shards, "TEXT_BLOCK_BYTES", text_bytes)
+        download(str(source), tmp_path / name)
+        runs[name] = raw_bytes(tmp_path / name)
+    assert runs["tiny"] == runs["one"]
+    for split, stories in expected.items():
+        librarian.io.write_stories(tmp_path / f"{split}.parquet", stories)
+        assert runs["one"][f"{split}.parquet"] == (tmp_path / f"{split}.parquet").read_bytes()
+    manifest = json.loads(runs["one"]["manifest.json"])
+    assert manifest["splits"] == {split: {"stories": len(s)} for split, s in expected.items()}
+
+
+def count_writes(monkeypatch) -> list:
+    """The batches download appends to its outputs, from now on."""
+    import librarian.io
+
+    written, write = [], librarian.io.StoryWriter.write
+    monkeypatch.setattr(librarian.io.StoryWriter, "write", lambda self, batch: written.append(write(self, batch)))
+    return written
+
+
+def assert_fails_with_nothing_written(tmp_path, source, *words):
+    out = tmp_path / "raw"
+    with pytest.raises(LibrarianError) as info:
+        download(str(source), out)
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert "\n" not in str(info.value)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]
+
+
+@pytest.mark.parametrize("name", ["s.txt", "s.txt.gz", "s.jsonl", "s.jsonl.gz"])
+def test_invalid_utf8_deep_in_a_shard_names_the_story(tmp_path, monkeypatch, name):
+    """Invalid UTF-8 in the 10,000th story, after many batches were written: one line with the
+    story (a .jsonl's line) and the byte offset, and no output."""
+    import librarian.io
+    import librarian.shards
+
+    monkeypatch.setattr(librarian.io, "READ_BATCH_STORIES", 1000)
+    monkeypatch.setattr(librarian.shards, "TEXT_BLOCK_BYTES", 4096)  # the shard (400 KB) in many blocks
+    written = count_writes(monkeypatch)
+    stories = [f"Story {i}: Tom ran to the park." for i in range(1, 10_001)]
+    write_shard(tmp_path / "s.jsonl" if ".jsonl" in name else tmp_path / "s.txt", stories)
+    data = (tmp_path / name.removesuffix(".gz")).read_bytes()
+    offset = data.index(b"Story 10000:") + len("Story 10000: Tom")
+    data = data[:offset] + "\u00e9".encode("latin-1") + data[offset + 1:]
+    (tmp_path / name.removesuffix(".gz")).unlink()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    row = "line 10000" if ".jsonl" in name else "story 10000"
+    assert_fails_with_nothing_written(tmp_path, tmp_path / name,
+                                      f"is not valid UTF-8 (bad byte at offset {offset}, {row})", "re-encode it as UTF-8")
+    assert len(written) >= 9
+
+
+def test_a_corrupt_row_group_names_its_rows(tmp_path, monkeypatch):
+    """A parquet shard whose 6th row group (of 11) is damaged, after a good shard and five good
+    row groups were written: one line with the rows, and no output."""
+    import librarian.io
+
+    monkeypatch.setattr(librarian.io, "READ_BATCH_STORIES", 3)
+    written = count_writes(monkeypatch)
+    source = tmp_path / "src"
+    source.mkdir()
+    write_shard(source / "train-0.parquet", STORIES)
+    write_shard(source / "train-1.parquet", [f"Story {i}: Lily sang." for i in range(100)], row_group_size=10)
+    chunk = pq.ParquetFile(source / "train-1.parquet").metadata.row_group(5).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    with open(source / "train-1.parquet", "r+b") as f:  # its pages' headers and data become zeros
+        f.seek(start)
+        f.write(bytes(chunk.total_compressed_size))
+    assert_fails_with_nothing_written(tmp_path, source, "train-1.parquet rows 51-60 (row group 6 of 11) cannot be read",
+                                      "re-download or re-export it")
+    assert len(written) >= 1 + 5 * 4
