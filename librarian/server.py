@@ -414,24 +414,24 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings) ->
         check_model(model_id, settings)
         return model_card(settings)
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
-    async def chat_completions(request: Request):
-        body = await read_body(request, settings)
-        req = parse(ChatRequest, body)
+    async def complete(request: Request, chat: bool):
+        """Both endpoints: parse, check, build the prompt (chat's rendering, or the raw text), decode, respond."""
+        req = parse(ChatRequest if chat else CompletionRequest, await read_body(request, settings))
         check_model(req.model, settings)
         options = options_of(req, settings)
-        prompt = server.chat_prompt(req, options)
-        choices = server.start(prompt, options, STOP_STRINGS + tuple(req.stop), req.n)
-        return await respond(choices, req, chat=True, model_id=settings.model_id)
+        if chat:
+            prompt, stops = server.chat_prompt(req, options), STOP_STRINGS + tuple(req.stop)
+        else:
+            prompt, stops = strip_controls(req.prompt), tuple(req.stop)
+        return await respond(server.start(prompt, options, stops, req.n), req, chat=chat, model_id=settings.model_id)
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request):
+        return await complete(request, chat=True)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(request: Request):
-        body = await read_body(request, settings)
-        req = parse(CompletionRequest, body)
-        check_model(req.model, settings)
-        options = options_of(req, settings)
-        choices = server.start(strip_controls(req.prompt), options, tuple(req.stop), req.n)
-        return await respond(choices, req, chat=False, model_id=settings.model_id)
+        return await complete(request, chat=False)
 
     return app
 
