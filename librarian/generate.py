@@ -23,6 +23,15 @@ from librarian.model import GPT
 from librarian.tokenizer import EOT
 
 
+# torch's generator takes a 64-bit seed; a signed one is what every caller (and JSON) can carry.
+MAX_SEED = 2**63 - 1
+
+
+def nth_seed(seed: int | None, i: int) -> int | None:
+    """The seed of sample (reply, choice) i of a run seeded with `seed`: seed + i, wrapped to stay a valid seed."""
+    return None if seed is None else (seed + i) % (MAX_SEED + 1)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """How to continue a prompt, validated once here for every caller (CLI, chat, samples, demo).
@@ -54,6 +63,8 @@ class GenerationOptions:
             raise LibrarianError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise LibrarianError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise LibrarianError(f"--seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {self.seed}")
 
 
 NUCLEUS_CANDIDATES = 256  # top-p looks among the likeliest 256 tokens first: sorting all 8000 costs ~20x more
@@ -117,8 +128,9 @@ def choose(logits: torch.Tensor, options: list[GenerationOptions], generators: l
 
 
 def window_start(length: int, start: int, context_length: int) -> int:
-    """Where the model's window begins: unchanged until it is full, then half a context back from the end."""
-    return start if length - start <= context_length else length - context_length // 2
+    """Where the model's window begins: unchanged until it is full, then half a context back from the
+    end, and at least the last token (a context of 1 keeps no half)."""
+    return start if length - start <= context_length else length - max(1, context_length // 2)
 
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"  # why a sequence ended: a stop token, or max_new_tokens

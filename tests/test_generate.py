@@ -48,6 +48,17 @@ def test_window_jumps_by_half_a_context():
     assert window_start(26, 9, 16) == 18
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_context_of_one_token_generates(use_cache):
+    """model.context_length 1 (every stride 1) trains; its window then slides to the last token, never to none."""
+    assert window_start(2, 0, 1) == 1
+    torch.manual_seed(0)
+    m = GPT(tiny_config(vocab_size=40, context_length=1)).eval()
+    sampled = list(generate_ids(m, [3, 1, 4], GenerationOptions(0.9, 10, 0.9, max_new_tokens=20, seed=2,
+                                                                use_cache=use_cache)))
+    assert len(sampled) == 20 and all(0 <= t < 40 for t in sampled)
+
+
 def test_prompt_longer_than_the_context_keeps_its_end(model):
     long_prompt = list(range(1, 40)) * 3
     greedy = GenerationOptions(temperature=0, max_new_tokens=8)
