@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from librarian.config import parse_params
+from librarian.dvc_cli import dvc_command
 from librarian.errors import LibrarianError
 
 DEMO_PARAMS = Path("demo.yaml")
@@ -64,7 +64,7 @@ def load_demo(root: Path) -> list[str]:
 
 def run_pipeline(root: Path, settings: list[str]) -> None:
     """`dvc exp run -n demo -S ...` in the workspace, its output passed through as it comes."""
-    cmd = [sys.executable, "-m", "dvc", "exp", "run", "-n", EXPERIMENT, "--force"]
+    cmd = dvc_command("exp", "run", "-n", EXPERIMENT, "--force")
     for setting in settings:
         cmd += ["-S", setting]
     print(f"demo: dvc exp run -n {EXPERIMENT} with the {len(settings)} settings of {DEMO_PARAMS}", flush=True)

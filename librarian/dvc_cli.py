@@ -11,11 +11,19 @@ from librarian.errors import LibrarianError
 IN_PROJECT = "run this in the project folder (the one with dvc.yaml)"
 
 
+def dvc_command(*args: str) -> list[str]:
+    """This interpreter's DVC (the one the project pins, whatever `dvc` is first on PATH).
+
+    With -P: `python -m` would put the current folder first on sys.path, and run from stages/,
+    stages/tokenize.py would shadow the standard library's tokenize (a circular-import error).
+    """
+    return [sys.executable, "-P", "-m", "dvc", *args]
+
+
 def dvc_json(*args: str, fix: str = IN_PROJECT):
     """The parsed output of `dvc ARGS --json` run here; a failure becomes one LibrarianError line ending in `fix`."""
     command = f"dvc {' '.join(args)}"
-    # This interpreter's DVC: the one the project pins, whatever `dvc` is first on PATH.
-    result = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], capture_output=True, text=True)
+    result = subprocess.run(dvc_command(*args, "--json"), capture_output=True, text=True)
     if result.returncode != 0:
         reason = next((line.strip() for line in reversed(result.stderr.splitlines()) if line.strip()), "no message")
         raise LibrarianError(f"`{command}` failed ({reason}); {fix}")
