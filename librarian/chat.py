@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TextIO
 
 from librarian.errors import LibrarianError
-from librarian.generate import GenerationOptions, Generator
+from librarian.generate import GenerationOptions, Generator, nth_seed
 
 USER, ASSISTANT = "User:", "Assistant:"
 STOP_STRINGS = (USER,)  # <|endoftext|> is a stop token in Generator.stream already
@@ -142,7 +142,7 @@ class ChatSession:
         If the caller stops early (Ctrl-C), the history is left as it was.
         """
         prompt, kept, used = self.build_prompt(message)
-        seed = None if self.options.seed is None else self.options.seed + self.replies
+        seed = nth_seed(self.options.seed, self.replies)
         self.replies += 1
         stream = self.generator.stream(prompt, replace(self.options, seed=seed), STOP_STRINGS)
         pieces = []

@@ -73,6 +73,15 @@ def _not_ours(path: Path, exc: BaseException) -> LibrarianError:
     )
 
 
+def _transformers_export(path: Path) -> LibrarianError:
+    """A model file in a transformers folder (`librarian export` writes one): no Librarian metadata."""
+    return LibrarianError(
+        f"{path} is a Hugging Face transformers model (its folder has config.json), not a Librarian model file; "
+        f"load it with transformers (AutoModelForCausalLM.from_pretrained(\"{path.parent}\")), or give --model "
+        "the Librarian file it was exported from (data/model/model.safetensors)"
+    )
+
+
 def read_metadata(path: str | Path) -> dict:
     """The file's Librarian metadata entry, parsed: {"gpt_config": ..., "tokenizer_sha256": ...}."""
     path = Path(path)
@@ -87,6 +96,8 @@ def read_metadata(path: str | Path) -> dict:
             metadata = f.metadata() or {}
         if META_KEY not in metadata and LEGACY_CONFIG_KEY in metadata:
             return {"gpt_config": json.loads(metadata[LEGACY_CONFIG_KEY])}
+        if META_KEY not in metadata and (path.parent / "config.json").is_file():
+            raise _transformers_export(path)
         content = json.loads(metadata[META_KEY])
         if not isinstance(content, dict):
             raise TypeError("metadata is not a JSON object")

@@ -210,31 +210,46 @@ def use_threads(args: argparse.Namespace, generator) -> None:
     torch.set_num_threads(resolve_threads(args.threads, generator.model.config.d_model, "--threads"))
 
 
+def utf8_argument(value: str, flag: str) -> str:
+    """A command-line text as given, refused if it is not UTF-8 (Python keeps such bytes as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(value[exc.start]) - 0xDC00 if 0xDC80 <= ord(value[exc.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else f"character U+{ord(value[exc.start]):04X}"
+        raise LibrarianError(f"{flag} is not valid UTF-8 text ({what} at position {exc.start}); "
+                             "pass UTF-8 text (set your terminal or script to UTF-8)") from None
+    return value
+
+
 def run_generate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from librarian.chat import strip_controls
-    from librarian.generate import Generator
+    from librarian.generate import Generator, nth_seed
 
     require_open("stdout", "generate prints its text there: leave stdout open, or send it to a file (> story.txt)")
     options = options_from(args)
     if args.num_samples < 1:
         raise LibrarianError(f"--num-samples must be >= 1, got {args.num_samples}")
-    prompt = strip_controls(args.prompt)
+    prompt = strip_controls(utf8_argument(args.prompt, "--prompt"))
     if not prompt.strip():
         raise LibrarianError('the prompt is empty; give some text to continue, e.g. --prompt "Once upon a time"')
     generator = Generator.load(args.model, args.tokenizer)
     use_threads(args, generator)
     # On stderr: stdout carries only the text, so `librarian generate ... > story.txt` stays clean.
     print(describe_model(args.model), file=sys.stderr, flush=True)
+    tokens, context = len(generator.encode(prompt)), generator.model.config.context_length
+    if tokens > context:
+        print(f"note: the prompt is {tokens} tokens, more than the model's context of {context}: "
+              f"the model sees only its last {context} (all of it is printed)", file=sys.stderr, flush=True)
     out = sys.stdout
     for i in range(args.num_samples):
         if i:
             out.write(f"\n--- sample {i + 1} ---\n")
         out.write(prompt)
         out.flush()
-        seed = None if options.seed is None else options.seed + i
-        for piece in generator.stream(prompt, replace(options, seed=seed)):
+        for piece in generator.stream(prompt, replace(options, seed=nth_seed(options.seed, i))):
             out.write(piece)
             out.flush()
         out.write("\n")

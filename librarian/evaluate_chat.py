@@ -47,7 +47,7 @@ from librarian.config import Params
 from librarian.data import TokenFile
 from librarian.errors import LibrarianError
 from librarian.evaluate import evaluate_split, in_order, round_significant
-from librarian.generate import GenerationOptions, Generator
+from librarian.generate import GenerationOptions, Generator, nth_seed
 from librarian.progress import progress_bar
 from librarian.threads import resolve_threads, using_threads
 from librarian.words import mentions
@@ -170,7 +170,7 @@ def session_for(generator: Generator, options: GenerationOptions, request: Reque
     """A `librarian chat` session at the request's point of its conversation, seeded by the request's row."""
     # A fresh session per request: its first reply samples with the seed given, so no reply
     # depends on the replies sampled before it (ChatSession adds the replies so far to the seed).
-    session = ChatSession(generator, replace(options, seed=options.seed + request.row))
+    session = ChatSession(generator, replace(options, seed=nth_seed(options.seed, request.row)))
     session.history = list(request.history)
     return session
 

@@ -34,9 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from librarian.batching import FINISH_ERROR, Engine, Job, log
 from librarian.chat import STOP_STRINGS, ReplyTrim, Turn, fit_prompt, prompt_budget, strip_controls
 from librarian.errors import LibrarianError
-from librarian.generate import FINISH_LENGTH, FINISH_STOP, GenerationOptions, Generator, TextStream
+from librarian.generate import FINISH_LENGTH, FINISH_STOP, MAX_SEED, GenerationOptions, Generator, TextStream, nth_seed
 
-MAX_SEED = 2**63 - 1
 MAX_CHOICES = 16
 MAX_STOPS = 4
 
@@ -214,7 +213,7 @@ class Server:
         for i in range(n):
             choice = Choice(self, i, len(ids[-self.context_length :]), stop_strings, self.mailbox)
             try:
-                choice.job = self.engine.submit(ids, replace(options, seed=options.seed + i), (self.generator.eot,),
+                choice.job = self.engine.submit(ids, replace(options, seed=nth_seed(options.seed, i)), (self.generator.eot,),
                                                 choice.emit)
             except RuntimeError:
                 for c in choices:

@@ -319,6 +319,18 @@ def foreign_model(c: Ctx) -> Path:
     return path
 
 
+def transformers_export(c: Ctx) -> Path:
+    """A folder as `librarian export` (transformers' save_pretrained) writes it: config.json, and weights
+    whose only metadata is {"format": "pt"}."""
+    from safetensors.torch import load_file, save_file
+
+    folder = c.tmp / "hf"
+    folder.mkdir()
+    write(folder / "config.json", '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    save_file(load_file(str(c.world.model)), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder / "model.safetensors"
+
+
 def few_stories(c: Ctx, n: int) -> Path:
     from librarian.io import write_stories
 
@@ -526,6 +538,15 @@ CASES = [
      ["--max-new-tokens must be >= 1"]),
     ("generate/top-k not a number", lambda c: c.generate("--prompt", "Hi", "--top-k", "many"),
      ["invalid int value", "--help"]),
+    ("generate/seed beyond 64 bits", lambda c: c.generate("--prompt", "Hi", "--seed", str(2**70)),
+     ["--seed must be a whole number from 0 to 9223372036854775807", f"got {2**70}"]),
+    ("generate/negative seed", lambda c: c.generate("--prompt", "Hi", "--seed", "-1"),
+     ["--seed must be a whole number from 0", "got -1"]),
+    ("generate/prompt not UTF-8", lambda c: c.generate("--prompt", b"Once upon a \xff time"),
+     ["--prompt is not valid UTF-8 text (byte 0xff at position 12)", "pass UTF-8 text"]),
+    ("generate/model is a transformers export", lambda c: c.generate("--prompt", "Hi", model=transformers_export(c)),
+     ["is a Hugging Face transformers model (its folder has config.json)", "AutoModelForCausalLM.from_pretrained",
+      "data/model/model.safetensors"]),
     ("chat/invalid sampling", lambda c: c.chat("--top-p", "2"), ["top-p must be in (0, 1]"]),
     ("chat/tokenizer of another vocab", lambda c: c.chat(model=c.world.model_64),
      ["expects 64", "use the tokenizer the model was trained with"]),
@@ -691,6 +712,10 @@ def test_a_prompt_100x_the_context_keeps_its_end(tmp_path, world):
     result = run(c.generate("--prompt", prompt))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(prompt.strip()[:100]) and result.stderr.count("error") == 0
+    # ... and says so, on stderr, since the text printed is the whole prompt
+    assert f"more than the model's context of {CTX}: the model sees only its last {CTX}" in result.stderr
+    short = run(c.generate("--prompt", "Once upon a time"))
+    assert "note:" not in short.stderr
 
 
 def test_control_characters_in_a_prompt_are_stripped(tmp_path, world):
