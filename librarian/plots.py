@@ -37,11 +37,27 @@ def collect(revisions: list[str]) -> dict[str, dict]:
     return specs
 
 
+# Folders every curve's path has (metrics/<stage>/plots/metrics/<curve>.tsv, with ../ when DVC runs in a
+# subfolder): they tell no plot apart.
+_SHARED_FOLDERS = {"metrics", "plots", "..", "."}
+
+
 def file_names(plot_ids: list[str]) -> dict[str, str]:
-    """A short file name per plot (train_loss.png), the whole id where two short ones would clash."""
-    stems = [Path(plot_id).stem for plot_id in plot_ids]
-    return {plot_id: (stem if stems.count(stem) == 1 else plot_id.replace("/", "_")) + ".png"
-            for plot_id, stem in zip(plot_ids, stems)}
+    """A short file name per plot: its name (loss.png, lr.png), else, where two would clash, its stage's
+    folder too (train_speed_lr.png, finetune_speed_lr.png), else its whole id."""
+    def short(plot_id: str) -> str:
+        return Path(plot_id).stem
+
+    def staged(plot_id: str) -> str:
+        return "_".join(p for p in Path(plot_id).with_suffix("").parts if p not in _SHARED_FOLDERS)
+
+    names = {}
+    for namer in (short, staged, lambda plot_id: plot_id.replace("/", "_")):
+        taken = [namer(plot_id) for plot_id in plot_ids]
+        for plot_id, name in zip(plot_ids, taken):
+            if plot_id not in names and taken.count(name) == 1 and f"{name}.png" not in names.values():
+                names[plot_id] = name + ".png"
+    return names
 
 
 def page(specs: dict[str, dict], names: dict[str, str]) -> str:

@@ -92,3 +92,31 @@ def test_plots_outside_a_project_is_one_error_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("error: DVC found no curves"), result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "dvc_plots").exists()
+
+
+def test_plot_files_are_named_by_the_plot_and_its_stage_where_names_clash():
+    from librarian.plots import file_names
+
+    ids = ["loss", "finetune_loss", "metrics/train_speed/plots/metrics/lr.tsv",
+           "metrics/finetune_speed/plots/metrics/lr.tsv", "metrics/train/plots/metrics/tokens_seen.tsv"]
+    assert file_names(ids) == {"loss": "loss.png", "finetune_loss": "finetune_loss.png",
+                               "metrics/train_speed/plots/metrics/lr.tsv": "train_speed_lr.png",
+                               "metrics/finetune_speed/plots/metrics/lr.tsv": "finetune_speed_lr.png",
+                               "metrics/train/plots/metrics/tokens_seen.tsv": "tokens_seen.png"}
+
+
+def test_runs_and_plots_work_from_the_stages_folder(tmp_path, built_project):
+    """`librarian runs` started in stages/: DVC must not find stages/tokenize.py as the standard tokenize."""
+    from tests.dvc_project import copy_built, tool_env
+
+    project = copy_built(built_project, tmp_path / "p")
+    librarian = Path(sys.executable).with_name("librarian")
+    outputs = []
+    for command in (["runs"], ["plots", "--out", str(tmp_path / "curves")]):
+        result = subprocess.run([str(librarian), *command], cwd=project / "stages", env=tool_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+        outputs.append(result.stdout)
+    assert "workspace" in outputs[0]
+    assert {p.name for p in (tmp_path / "curves").iterdir()} >= {"loss.png", "train_lr.png", "finetune_lr.png",
+                                                            "train_speed_tokens_per_s.png", "index.html"}
