@@ -6,13 +6,14 @@ perplexity are cut off behind the cleaning counters. This reads the same data (`
 
     run          loss      ppl  top-1   top-5  top-10 bits/byte train.lr
     workspace  6.7184  827.494  3.18%  11.53%  16.56%    3.1678    0.001
-    master     6.3317  562.103  3.34%  12.97%  21.77%    2.9855    0.003
+    main       6.3317  562.103  3.34%  12.97%  21.77%    2.9855    0.003
     lr-a       6.7184  827.494  3.18%  11.53%  16.56%    3.1678    0.001
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 
@@ -41,7 +42,8 @@ def _file_data(data: dict, kind: str, path: str) -> dict:
 
 def differing_params(params: dict[str, dict]) -> pd.DataFrame:
     """Run name -> its params (dotted keys), only the keys whose values are not the same in every run."""
-    flat = pd.DataFrame.from_dict({name: _flatten(p) for name, p in params.items()}, orient="index")
+    # object dtype: a key missing in one run must not turn the others' ints into floats (1000 -> 1000.0)
+    flat = pd.DataFrame([_flatten(p) for p in params.values()], index=list(params), dtype=object)
     # Lists (samples.prompts) cannot be compared as such: compare their JSON text.
     as_text = flat.apply(lambda col: col.map(lambda v: json.dumps(v, sort_keys=True)))
     differ = [key for key in flat.columns if as_text[key].nunique(dropna=False) > 1]
@@ -62,12 +64,37 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value))
 
 
-def runs_table(exp_show: list[dict]) -> str:
+def runs_table(exp_show: list[dict], width: int | None = None) -> str:
+    """The metrics and the differing params, one table if it fits `width` (default: the terminal's);
+    else the metrics, then the params beneath in as many tables as it takes, each within `width`."""
+    width = width or shutil.get_terminal_size((WIDTH, 24)).columns
     found = rows(exp_show)
     metrics = metrics_frame({name: _file_data(data, "metrics", TEST_METRICS) for name, data in found.items()})
     shown = metrics.apply(lambda col: col.map(lambda v: format_value(col.name, v)))
     params = differing_params({name: _file_data(data, "params", PARAMS) for name, data in found.items()})
-    return text_table(shown.join(params))
+    whole = text_table(shown.join(params))
+    if params.empty or _widest(whole) <= width:
+        return whole
+    return "\n\n".join([text_table(shown), *(text_table(params[group], corner="params of")
+                                              for group in _column_groups(params, width))])
+
+
+WIDTH = 100  # when there is no terminal to measure (a pipe, a file)
+
+
+def _widest(table: str) -> int:
+    return max(map(len, table.splitlines()))
+
+
+def _column_groups(frame: pd.DataFrame, width: int) -> list[list[str]]:
+    """The frame's columns in order, cut into runs of columns whose table fits `width` (one column at least)."""
+    groups: list[list[str]] = []
+    for column in frame.columns:
+        if groups and _widest(text_table(frame[[*groups[-1], column]])) <= width:
+            groups[-1].append(column)
+        else:
+            groups.append([column])
+    return groups
 
 
 def runs(all_commits: bool = False) -> str:

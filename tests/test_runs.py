@@ -52,3 +52,20 @@ def test_runs_outside_a_project_is_one_error_line(tmp_path):
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("error: `dvc exp show` failed (ERROR: you are not inside of a DVC repository")
     assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_wide_table_puts_the_params_beneath_the_metrics_within_the_width():
+    """The demo's runs differ in many params (420 characters on one line): beneath, in tables that fit."""
+    many = {f"param_{i}": {"value": 1000 + i} for i in range(20)}
+    show = [{"rev": "workspace", "name": None, "data": data(0.003, metrics=metrics(2.5)), "experiments": None},
+            {"rev": "0123456789abcdef", "name": "demo", "data": data(0.01, metrics=metrics(2.25)), "experiments": None}]
+    show[1]["data"]["params"]["params.yaml"]["data"] |= many
+    text = runs_table(show, width=80)
+    assert max(map(len, text.splitlines())) <= 80
+    tables = text.split("\n\n")
+    assert tables[0].splitlines()[0].split() == ["run", "loss", "ppl", "top-1", "top-5", "top-10", "bits/byte"]
+    params_shown = [word for table in tables[1:] for word in table.splitlines()[0].split()[2:]]
+    assert params_shown == ["train.lr", *(f"param_{i}.value" for i in range(20))]  # each once, in order
+    assert "1019" in text and "1019.0" not in text
+    assert all([line.split()[0] for line in table.splitlines()[1:]] == ["workspace", "demo"] for table in tables)
+    assert runs_table(EXP_SHOW, width=200).count("\n\n") == 0  # a table that fits stays one
