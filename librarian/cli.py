@@ -332,20 +332,23 @@ def run_export(args: argparse.Namespace) -> None:
 def check_project(args: argparse.Namespace) -> None:
     """The default model and tokenizer are relative to the project folder: from elsewhere, say where to run.
 
-    Explicit --model/--tokenizer paths work from anywhere; inside the project, a missing default (no
-    model at all: neither the chat model nor the base one) is reported by the loaders as "not found;
-    train a model first".
+    Explicit --model/--tokenizer paths work from anywhere. Inside the project, when neither default
+    exists, nothing has run yet: say how to make them; one missing default is reported by its loader.
     """
     defaults = (("model", (CHAT_MODEL, BASE_MODEL)), ("tokenizer", (DEFAULT_TOKENIZER,)))
     missing = [name for name, paths in defaults
                if getattr(args, name, None) in paths and not getattr(args, name).exists()]
     here = Path.cwd()
+    options = " and ".join(f"--{name}" for name in missing)
     if missing and not any((here / marker).is_file() for marker in PROJECT_MARKERS):
-        options = " and ".join(f"--{name}" for name in missing)
         above = next((folder for folder in here.parents if (folder / "dvc.yaml").is_file()), None)
         project = f"the project folder ({above})" if above else "the project folder, the one with dvc.yaml,"
         raise LibrarianError(f"no Librarian project here ({here}: no dvc.yaml or params.yaml); "
                              f"run from {project} or pass {options}")
+    if len(missing) == len(defaults):
+        # Nothing has run yet: the missing tokenizer is only the first of the missing files.
+        raise LibrarianError(f"no trained model here yet (no {BASE_MODEL}, no {DEFAULT_TOKENIZER}); run `librarian demo` "
+                             f"(a tiny model in about two minutes, offline) or `dvc repro`, or pass {options}")
 
 
 def require_open(stream: str, why: str) -> None:

@@ -319,6 +319,15 @@ def foreign_model(c: Ctx) -> Path:
     return path
 
 
+def nothing_run(c: Ctx, *args: str) -> list[str]:
+    """The librarian command in a fresh clone's folder: dvc.yaml and params.yaml, no data/ yet."""
+    c.cwd = c.tmp / "clone"
+    c.cwd.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, c.cwd / name)
+    return ["librarian.cli", *args]
+
+
 def transformers_export(c: Ctx) -> Path:
     """A folder as `librarian export` (transformers' save_pretrained) writes it: config.json, and weights
     whose only metadata is {"format": "pt"}."""
@@ -547,6 +556,11 @@ CASES = [
     ("generate/model is a transformers export", lambda c: c.generate("--prompt", "Hi", model=transformers_export(c)),
      ["is a Hugging Face transformers model (its folder has config.json)", "AutoModelForCausalLM.from_pretrained",
       "data/model/model.safetensors"]),
+    ("chat/before any run", lambda c: nothing_run(c, "chat"),
+     ["no trained model here yet (no data/model/model.safetensors, no data/tokenizer.json)", "run `librarian demo`",
+      "or `dvc repro`"]),
+    ("generate/before any run", lambda c: nothing_run(c, "generate", "--prompt", "Hi"),
+     ["no trained model here yet", "run `librarian demo`"]),
     ("chat/invalid sampling", lambda c: c.chat("--top-p", "2"), ["top-p must be in (0, 1]"]),
     ("chat/tokenizer of another vocab", lambda c: c.chat(model=c.world.model_64),
      ["expects 64", "use the tokenizer the model was trained with"]),
