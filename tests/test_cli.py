@@ -149,9 +149,10 @@ def test_outside_the_project_the_defaults_say_where_to_run(files, model_args, tm
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     assert f"run from the project folder ({tmp_path}) or pass --model" in fails(capsys, "export", "out")
-    # inside the project, a missing default model is the loaders' "not found; train a model first"
+    # inside the project before any run: how to make a model; one default missing: its loader's "not found"
     monkeypatch.chdir(tmp_path)
-    assert "not found; run `dvc repro train_tokenizer` first" in fails(capsys, "generate", "--prompt", "Hi")
+    assert "no trained model here yet" in fails(capsys, "generate", "--prompt", "Hi")
+    assert "not found; train a model first" in fails(capsys, "generate", "--prompt", "Hi", "--tokenizer", str(files[1]))
 
 
 def test_a_malformed_command_line_is_one_line_too(capsys):
