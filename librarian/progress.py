@@ -34,10 +34,11 @@ class _Lines(io.TextIOBase):
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "", unit: str = "step", disable: bool = False,
-                 file=None) -> tqdm:
-    """A tqdm bar on `file` (default stderr): in place on a terminal, a line every LOG_INTERVAL_S otherwise."""
+                 file=None, unit_scale: bool = False) -> tqdm:
+    """A tqdm bar on `file` (default stderr): in place on a terminal, a line every LOG_INTERVAL_S otherwise.
+    With `unit_scale`, counts show as k, M, G (bytes: kB, MB)."""
     out = file or sys.stderr
-    common = {"total": total, "initial": initial, "desc": desc, "unit": unit}
+    common = {"total": total, "initial": initial, "desc": desc, "unit": unit, "unit_scale": unit_scale}
     if disable or _is_terminal(out):
         return tqdm(**common, disable=disable, file=out, dynamic_ncols=True)
     return tqdm(**common, file=_Lines(out), ascii=True, mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S)

@@ -1,20 +1,14 @@
 import gzip
 import json
 import os
-import shutil
-import subprocess
-import sys
-import threading
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.hub_standins import refusing_endpoint, silent_endpoint
 from librarian.errors import LibrarianError
 from librarian.io import read_stories
-from librarian.sources import download, hub_unreachable, read_local, shard_split
+from librarian.sources import download, read_local, shard_split
 from tests.conftest import FIXTURE_CORPUS, ROOT, fixture_stories
 
 STORIES = ["Once upon a time there was a cat.\nThe End.", "Lily liked \u201cred\u201d apples. She ate one!", "  Tom ran.  "]
@@ -148,138 +142,6 @@ def test_bad_source_gives_one_line_error_and_no_output(tmp_path, kind):
     assert BAD_KINDS[kind] in str(info.value) and "\n" not in str(info.value)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp leftovers
-
-
-def download_stage(tmp_path, endpoint: str) -> tuple[subprocess.CompletedProcess, float]:
-    """The download stage as DVC runs it, online (no HF_HUB_OFFLINE), against a stand-in hub at `endpoint`."""
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "LIBRARIAN_DEBUG")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))
-    start = time.monotonic()
-    run = subprocess.run(
-        [sys.executable, "-m", "stages.download", str(tmp_path / "data" / "raw"), "--params", str(params)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    return run, time.monotonic() - start
-
-
-@pytest.mark.parametrize("endpoint", [refusing_endpoint, silent_endpoint])
-def test_unreachable_hub_fails_fast_in_one_line(tmp_path, endpoint):
-    """Not 25 s of retries and a dozen warnings: a short probe of the endpoint, then one line."""
-    with endpoint() as url:
-        run, seconds = download_stage(tmp_path, url)
-    print(f"{endpoint.__name__}: the one line after {seconds:.1f} s")
-    assert run.returncode == 1
-    assert run.stderr.count("\n") == 1, run.stderr
-    assert run.stderr.startswith(f"error: cannot load roneneldan/TinyStories from the Hugging Face hub ({url} is unreachable: ")
-    assert "point data.source in params.yaml at a local copy" in run.stderr
-    assert seconds < 15  # generous: the probe gives up after HUB_PROBE_SECONDS (4 s)
-    assert not (tmp_path / "data").exists()
-
-
-def cache_tinystories(hf_home, train: list[str], validation: list[str]) -> None:
-    """Put a copy of hf:roneneldan/TinyStories in the Hugging Face cache, the way a past download leaves it."""
-    import datasets
-
-    for split, stories in (("train", train), ("validation", validation)):
-        pq.write_table(pa.table({"text": stories}), hf_home / f"{split}.parquet")
-    files = {split: str(hf_home / f"{split}.parquet") for split in ("train", "validation")}
-    datasets.load_dataset("parquet", data_files=files, cache_dir=str(hf_home / "parquet-cache"))
-    built = next((hf_home / "parquet-cache" / "parquet").glob("default-*/0.0.0/*/dataset_info.json")).parent
-    copy = hf_home / "datasets" / "roneneldan___tiny_stories" / "default" / "0.0.0" / built.name
-    copy.mkdir(parents=True)
-    shutil.copy(built / "dataset_info.json", copy)
-    for split in ("train", "validation"):
-        shutil.copy(built / f"parquet-{split}.arrow", copy / f"tiny_stories-{split}.arrow")
-
-
-def test_unreachable_hub_falls_back_to_the_cached_copy_at_once(tmp_path):
-    """A copy in the Hugging Face cache still serves when the hub is down, without the client's retries."""
-    (tmp_path / "hf").mkdir()
-    cache_tinystories(tmp_path / "hf", STORIES, ["A validation story."])
-    with refusing_endpoint() as url:
-        run, seconds = download_stage(tmp_path, url)
-    print(f"cached copy used after {seconds:.1f} s")
-    assert run.returncode == 0, run.stderr
-    assert "Retrying" not in run.stderr and "thrown while requesting" not in run.stderr
-    assert read_stories(tmp_path / "data" / "raw" / "train.parquet") == STORIES
-    assert read_stories(tmp_path / "data" / "raw" / "validation.parquet") == ["A validation story."]
-
-
-def test_hub_probe(monkeypatch):
-    """hub_unreachable: None for any HTTP answer, a reason for a refused or silent endpoint, within its timeout."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests' offline mode; these hubs are local
-
-    class NotFound(BaseHTTPRequestHandler):
-        def do_HEAD(self):
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        assert hub_unreachable(f"http://127.0.0.1:{server.server_address[1]}", timeout=2) is None
-    finally:
-        server.shutdown()
-        server.server_close()
-    with refusing_endpoint() as url:
-        assert "ConnectError" in hub_unreachable(url, timeout=2)
-    with silent_endpoint() as url:
-        start = time.monotonic()
-        assert "Timeout" in hub_unreachable(url, timeout=0.5)
-        assert time.monotonic() - start < 2
-
-
-def test_unreachable_hub_fails_in_one_line_with_the_offline_hint(tmp_path):
-    """The download stage, run as DVC runs it, with the hub unreachable (offline mode)."""
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    run = subprocess.run(
-        [sys.executable, "-m", "stages.download", str(tmp_path / "data" / "raw"), "--params", str(params)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 1
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("error: cannot load roneneldan/TinyStories from the Hugging Face hub "
-                               "(HF_HUB_OFFLINE is set and the Hugging Face cache has no copy)")
-    assert "point data.source in params.yaml at a local copy" in lines[0]
-    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
-
-
-def test_hub_source_writes_both_splits(tmp_path, monkeypatch):
-    """The hub path end to end, with datasets.load_dataset answering from memory instead of the hub."""
-    import datasets
-
-    calls = {}
-
-    def fake_load_dataset(name, revision=None):
-        calls.update(name=name, revision=revision)
-        return datasets.DatasetDict({
-            "train": datasets.Dataset.from_dict({"text": STORIES}),
-            "validation": datasets.Dataset.from_dict({"text": ["A validation story."]}),
-        })
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    manifest = download("hf:roneneldan/TinyStories@main", tmp_path / "raw")
-    assert calls == {"name": "roneneldan/TinyStories", "revision": "main"}
-    assert read_stories(tmp_path / "raw" / "train.parquet") == STORIES
-    assert read_stories(tmp_path / "raw" / "validation.parquet") == ["A validation story."]
-    assert manifest["splits"]["train"]["stories"] == 3 and manifest["kind"] == "hub"
-
-
-def test_malformed_hub_name_is_refused(tmp_path):
-    with pytest.raises(LibrarianError, match="hf:<owner>/<name>"):
-        download("hf:not a name", tmp_path / "raw")
 
 
 # --- streaming: bounded batches, the same bytes, a shard bad halfway through ---------------------
