@@ -30,24 +30,37 @@ never sees one fixed request per story.
 conversations row for row, with every request phrased by a template of HELD_OUT instead: phrasings
 that no train conversation uses, so that evaluate_chat measures whether the model follows a request
 rather than recognising a template.
+
+**Memory.** The stage streams: at no point does it hold a split's stories, requests or table. Pass 1
+reads the split a batch at a time (io.READ_BATCH_STORIES) and keeps what each story offers each
+kind on disk, and in memory only which kinds it can carry; the kinds are then dealt, and each table
+(a split, or a train variant) is built in story order, as the seeded stream must draw, and spilled;
+an external sort (librarian/external_sort.py) puts its rows into conversation order, SORT_BUCKET_ROWS
+at a time, into the parquet writer. Memory is a batch, a bucket and some 40 bytes a story (the kinds
+each story can carry, its kind in each table, its place in the table being built). The temporary
+files live in the output's atomic_dir: a failure or a kill leaves nothing behind. build_split is the
+same table built in memory from a list of stories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import string
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from librarian import words
 from librarian.config import REQUEST_KINDS, ChatDataParams, Params
 from librarian.errors import LibrarianError
-from librarian.io import ROW_GROUP_STORIES, atomic_dir, write_json
+from librarian.external_sort import PositionSort, Spill, table_writer
+from librarian.io import atomic_dir, open_stories, story_batches, write_json
 from librarian.rng import rng_for
 
 SPLITS = ("train", "val", "test")
@@ -350,21 +363,52 @@ def conversation_plan(stories: int, multi_turn: float, rng: np.random.Generator)
     return plan.sort_values(["conversation", "turn"], ignore_index=True)
 
 
+def turn_places(stories: int, multi_turn: float, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """conversation_plan without its table: each story's conversation, turn and row in the table sorted
+    by (conversation, turn), as three arrays indexed by story. The same draws give the same plan."""
+    m = two_turn_count(stories, multi_turn)
+    order = rng.permutation(stories)
+    first, partner = order[:m], order[m:2 * m]  # first turns, and the stories whose conversations they open
+    last = np.ones(stories, dtype=bool)
+    last[first] = False
+    conversation = np.cumsum(last) - 1  # numbered by their last story: its rank among the last stories
+    turn = np.zeros(stories, dtype=np.int8)
+    turn[partner] = 1
+    # A last story's row: one per conversation before its own, one per first turn up to its own.
+    row = conversation + np.cumsum(turn)
+    conversation[first], row[first] = conversation[partner], row[partner] - 1
+    return conversation, turn, row
+
+
+def can_carry(offer: dict) -> list[bool]:
+    """Which kinds a story can carry, in REQUEST_KINDS' order, given its offers."""
+    return [offer[kind] is not None for kind in REQUEST_KINDS]
+
+
+def carriers(can: np.ndarray) -> dict[str, int]:
+    return dict(zip(REQUEST_KINDS, can.sum(axis=0).tolist(), strict=True))
+
+
+def mix_shares(params: ChatDataParams) -> np.ndarray:
+    return np.array([getattr(params.mix, kind) for kind in REQUEST_KINDS])
+
+
 def build_split(stories: list[str], params: ChatDataParams, rng: np.random.Generator,
                 offered: list[dict] | None = None) -> tuple[pd.DataFrame, dict]:
     """The split's conversations, one row per turn, sorted by (conversation, turn), and how many
-    stories could carry each kind. `offered`: the stories' offers, if already known."""
+    stories could carry each kind. `offered`: the stories' offers, if already known.
+
+    Built in memory from a list of stories; the stage streams the same rows (build_chat_data)."""
     offered = offered if offered is not None else [offers(story, params.words_within) for story in stories]
-    can = np.array([[offer[kind] is not None for kind in REQUEST_KINDS] for offer in offered],
+    can = np.array([can_carry(offer) for offer in offered],
                    dtype=bool).reshape(-1, len(REQUEST_KINDS))  # (0, 4) for an empty split, not (0,)
-    shares = np.array([getattr(params.mix, kind) for kind in REQUEST_KINDS])
-    kinds = [REQUEST_KINDS[k] for k in assign_kinds(can, shares, rng)]
+    kinds = [REQUEST_KINDS[k] for k in assign_kinds(can, mix_shares(params), rng)]
     requests = pd.DataFrame([asdict(BUILDERS[kind](story, offer[kind], rng))
                              for story, offer, kind in zip(stories, offered, kinds, strict=True)],
                             columns=["kind", "request", "reply", "words", "character"])
     plan = conversation_plan(len(stories), params.multi_turn, rng)
     table = plan.join(requests, on="story")
-    return table[SCHEMA.names], dict(zip(REQUEST_KINDS, can.sum(axis=0).tolist(), strict=True))
+    return table[SCHEMA.names], carriers(can)
 
 
 def held_out_table(table: pd.DataFrame, offered: list[dict], rng: np.random.Generator) -> pd.DataFrame:
@@ -382,6 +426,14 @@ def split_counts(table: pd.DataFrame) -> dict[str, int]:
             **{kind: int(kinds.get(kind, 0)) for kind in REQUEST_KINDS}}
 
 
+def dealt_counts(kinds: np.ndarray, multi_turn: float) -> dict[str, int]:
+    """split_counts of the table that `kinds` (one per story) will make, known before it is built."""
+    two_turn = two_turn_count(len(kinds), multi_turn)
+    per_kind = np.bincount(kinds, minlength=len(REQUEST_KINDS))
+    return {"conversations": len(kinds) - two_turn, "turns": len(kinds), "multi_turn": two_turn,
+            **{kind: int(per_kind[k]) for k, kind in enumerate(REQUEST_KINDS)}}
+
+
 def check_kinds(split: str, counts: dict[str, int], carriers: dict[str, int], params: ChatDataParams) -> None:
     """A kind asked for (share > 0) must occur in every split: fine-tuning and evaluation both expect it."""
     for kind in REQUEST_KINDS:
@@ -396,50 +448,183 @@ def check_kinds(split: str, counts: dict[str, int], carriers: dict[str, int], pa
             )
 
 
-def read_clean_split(clean_dir: Path, split: str) -> list[str]:
-    """The split's story texts, checked: a chat reply must be a story."""
-    path = clean_dir / f"{split}.parquet"
-    if not path.is_file():
-        raise LibrarianError(f"{path} not found; run `dvc repro clean` first")
-    try:
-        stories = pd.read_parquet(path, columns=["text"])["text"]
-    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
-        raise LibrarianError(f"{path} is not a readable clean split with a 'text' column ({type(exc).__name__}); "
-                             "rerun `dvc repro -f clean`") from None
-    empty = stories.isna() | (stories.str.strip() == "")
-    if empty.any():
-        raise LibrarianError(f"{path}: story {int(empty.to_numpy().nonzero()[0][0])} is empty "
-                             f"({int(empty.sum())} in all); rerun `dvc repro -f clean`, which drops empty stories")
-    return stories.tolist()
-
-
 def to_arrow(table: pd.DataFrame) -> pa.Table:
     # No pandas metadata (it records the library's version) and no index column: only the data.
     return pa.Table.from_pandas(table, schema=SCHEMA, preserve_index=False).replace_schema_metadata(None)
 
 
-def build_chat_data(clean_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, params: Params) -> dict:
-    """Write out_dir/{train,val,test}.parquet and the per-split counts to metrics_path.
+# --- the stage: streamed ---------------------------------------------------------------------------
 
-    Every split is built and checked before anything is written: a failure leaves no output.
+# Rows the sort into conversation order holds at a time (librarian/external_sort.py): at about a
+# kilobyte a row, what bounds the stage's memory with a batch of stories (io.READ_BATCH_STORIES).
+# Tests make both tiny.
+SORT_BUCKET_ROWS = 1 << 14
+# The temporaries' folder inside the output's atomic_dir, removed before the output appears.
+WORK = ".build"
+
+# What pass 1 keeps of each story's offers for the request builders (the text stays in the clean
+# split): the words found of each part of speech and the main character, null where it has none.
+OFFERS_SCHEMA = pa.schema([*((part, pa.list_(pa.string())) for part in words.PARTS_OF_SPEECH),
+                           ("name", pa.string()), ("name_kind", pa.string())])
+# A table's requests in story order, and what its held-out phrasings need of the offer.
+REQUEST_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in ("kind", "request", "reply", "words", "character")),
+                            ("character_kind", pa.string()), ("opening", pa.string())])
+# A request placed in its conversation.
+PLACED_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in ("conversation", "turn", "story")), *REQUEST_SCHEMA])
+
+
+def table_streams(split: str, variants: int) -> dict[str, str]:
+    """The split's tables, each with its seeded stream. Variant 0 keeps the split's own stream: its
+    bytes do not depend on chat_data.variants."""
+    return {split: f"chat_data/{split}"} | ({f"{split}-v{v}": f"chat_data/{split}/variant-{v}"
+                                             for v in range(1, variants)} if split == "train" else {})
+
+
+def _unreadable(path: Path, exc: BaseException) -> LibrarianError:
+    return LibrarianError(f"{path} is not a readable clean split with a 'text' column ({type(exc).__name__}); "
+                          "rerun `dvc repro -f clean`")
+
+
+def clean_split(clean_dir: Path, split: str) -> Path:
+    """The split's file, checked to be there and readable before any work starts."""
+    path = clean_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise LibrarianError(f"{path} not found; run `dvc repro clean` first")
+    try:
+        open_stories(path).close()
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        raise _unreadable(path, exc) from None
+    return path
+
+
+def clean_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The split's stories, io.READ_BATCH_STORIES at a time."""
+    try:
+        yield from story_batches(path)
+    except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def spilled_offers(offer: dict | None) -> dict:
+    """A row of OFFERS_SCHEMA: what `offer` gives the words and character builders."""
+    found, character = (offer["words"], offer["character"]) if offer else (None, None)
+    return {**{part: found[part] if found else None for part in words.PARTS_OF_SPEECH},
+            "name": character[0] if character else None, "name_kind": character[1] if character else None}
+
+
+def offer_split(path: Path, words_within: int, spill: Spill) -> np.ndarray:
+    """Pass 1: what each story offers, spilled for the builders. Returns can[story, kind].
+
+    A chat reply must be a story: an empty one is an error, named after the whole split is read."""
+    can, start, first_empty, empty = [], 0, None, 0
+    for batch in clean_batches(path):
+        stories = batch.column(0).to_pylist()
+        blank = [story is None or not story.strip() for story in stories]
+        if any(blank):
+            first_empty = start + blank.index(True) if first_empty is None else first_empty
+            empty += sum(blank)
+        offered = [None if b else offers(story, words_within) for story, b in zip(stories, blank, strict=True)]
+        can.append(np.array([can_carry(o) if o else [False] * len(REQUEST_KINDS) for o in offered], dtype=bool))
+        spill.write(pa.RecordBatch.from_pylist([spilled_offers(o) for o in offered], schema=OFFERS_SCHEMA))
+        start += len(stories)
+    if empty:
+        raise LibrarianError(f"{path}: story {first_empty} is empty ({empty} in all); rerun `dvc repro -f clean`, "
+                             "which drops empty stories")
+    return np.concatenate(can).reshape(-1, len(REQUEST_KINDS)) if can else np.zeros((0, len(REQUEST_KINDS)), bool)
+
+
+def offer_of(kind: str, story: str, spilled: dict) -> object:
+    """The story's offer for `kind` (as offers gives it), from pass 1's spill. An opening is found
+    again: one regex costs less than spilling the story's text."""
+    if kind == "words":
+        return {part: spilled[part] for part in words.PARTS_OF_SPEECH}
+    if kind == "character":
+        return spilled["name"], spilled["name_kind"]
+    return split_opening(story) if kind == "opening" else story
+
+
+def request_row(kind: str, story: str, spilled: dict, rng: np.random.Generator) -> dict:
+    """A row of REQUEST_SCHEMA: the story's request of `kind`, drawn from `rng`."""
+    offer = offer_of(kind, story, spilled)
+    # vars, not asdict: the row is spilled at once, so its lists need no deep copy.
+    return {**vars(BUILDERS[kind](story, offer, rng)), "character_kind": offer[1] if kind == "character" else "",
+            "opening": offer[0] if kind == "opening" else ""}
+
+
+def spill_requests(path: Path, offered: Spill, kinds: np.ndarray, rng: np.random.Generator, out: Spill) -> None:
+    """Pass 2: every story's request, in story order, drawn from `rng` as build_split draws them."""
+    start = 0
+    for batch, spilled in zip(clean_batches(path), offered.batches(), strict=True):
+        stories = batch.column(0).to_pylist()
+        dealt = kinds[start:start + len(stories)]
+        out.write(pa.RecordBatch.from_pylist(
+            [request_row(REQUEST_KINDS[k], story, offer, rng)
+             for story, offer, k in zip(stories, spilled.to_pylist(), dealt, strict=True)], schema=REQUEST_SCHEMA))
+        start += len(stories)
+
+
+def place_requests(requests: Spill, plan: tuple[np.ndarray, ...], folder: Path) -> PositionSort:
+    """Pass 3: every request with its conversation and turn, spilled to the bucket of its row."""
+    conversation, turn, row = plan
+    sort = PositionSort(folder, PLACED_SCHEMA, len(row), SORT_BUCKET_ROWS)
+    start = 0
+    for batch in requests.batches():
+        story = np.arange(start, start + batch.num_rows)
+        placed = [pa.array(conversation[story]), pa.array(turn[story].astype(np.int64)), pa.array(story)]
+        sort.add(pa.RecordBatch.from_arrays([*placed, *batch.columns], schema=PLACED_SCHEMA), row[story])
+        start += batch.num_rows
+    requests.remove()
+    return sort
+
+
+def held_out_requests(table: pa.Table, rng: np.random.Generator) -> pa.Table:
+    """held_out_table of a piece of a table: the same draws, one per row in table order."""
+    columns = [table.column(name).to_pylist() for name in ("kind", "words", "character", "character_kind", "opening")]
+    requests = [held_out_request(kind, asked, (name, name_kind) if kind == "character" else (opening,), rng)
+                for kind, asked, name, name_kind, opening in zip(*columns, strict=True)]
+    return table.set_column(table.schema.get_field_index("request"), "request", pa.array(requests, pa.string()))
+
+
+def write_table(sort: PositionSort, path: Path, held_out: tuple[Path, np.random.Generator] | None) -> None:
+    """Pass 4: the table in conversation order, a bucket at a time, and its held-out phrasings row for row."""
+    with contextlib.ExitStack() as files:
+        table = files.enter_context(table_writer(path, SCHEMA))
+        unseen = files.enter_context(table_writer(held_out[0], SCHEMA)) if held_out else None
+        for rows in sort.tables():
+            table.write(rows.select(SCHEMA.names))
+            if unseen:
+                unseen.write(held_out_requests(rows, held_out[1]).select(SCHEMA.names))
+
+
+def build_chat_data(clean_dir: str | Path, out_dir: str | Path, metrics_path: str | Path, params: Params) -> dict:
+    """Write out_dir/{train,val,test}.parquet (and the variants and held-out tables) and the
+    per-table counts to metrics_path.
+
+    Every table's kinds are dealt and checked before any table is built, and everything is written
+    inside an atomic_dir: a failure leaves no output.
     """
     clean_dir, settings = Path(clean_dir), params.chat_data
-    tables, metrics = {}, {}
-    for split in SPLITS:
-        stories = read_clean_split(clean_dir, split)
-        offered = [offers(story, settings.words_within) for story in stories]
-        # Variant 0 keeps the split's own stream: its bytes do not depend on chat_data.variants.
-        streams = {split: f"chat_data/{split}"} | ({f"{split}-v{v}": f"chat_data/{split}/variant-{v}"
-                                                      for v in range(1, settings.variants)} if split == "train" else {})
-        for name, stream in streams.items():
-            tables[name], carriers = build_split(stories, settings, rng_for(params.seed, stream), offered)
-            metrics[name] = split_counts(tables[name])
-            check_kinds(split, metrics[name], carriers, settings)
-        if split in HELD_OUT_SPLITS:
-            tables[split + UNSEEN] = held_out_table(tables[split], offered, rng_for(params.seed, f"chat_data/{split}/unseen"))
+    paths = {split: clean_split(clean_dir, split) for split in SPLITS}
+    metrics, dealt, offered = {}, {}, {}
     with atomic_dir(out_dir) as tmp:
-        for split, table in tables.items():
-            pq.write_table(to_arrow(table), tmp / f"{split}.parquet", compression="zstd",
-                           row_group_size=ROW_GROUP_STORIES)
+        work = tmp / WORK
+        work.mkdir()
+        for split in SPLITS:
+            offered[split] = Spill(work / f"{split}-offers.arrow", OFFERS_SCHEMA)
+            can = offer_split(paths[split], settings.words_within, offered[split])
+            for name, stream in table_streams(split, settings.variants).items():
+                rng = rng_for(params.seed, stream)
+                kinds = assign_kinds(can, mix_shares(settings), rng).astype(np.int8)
+                metrics[name] = dealt_counts(kinds, settings.multi_turn)
+                check_kinds(split, metrics[name], carriers(can), settings)
+                dealt[name] = split, kinds, rng
+        for name, (split, kinds, rng) in dealt.items():
+            requests = Spill(work / f"{name}-requests.arrow", REQUEST_SCHEMA)
+            spill_requests(paths[split], offered[split], kinds, rng, requests)
+            sort = place_requests(requests, turn_places(len(kinds), settings.multi_turn, rng), work / name)
+            held_out = ((tmp / f"{name}{UNSEEN}.parquet", rng_for(params.seed, f"chat_data/{split}/unseen"))
+                        if name in HELD_OUT_SPLITS else None)
+            write_table(sort, tmp / f"{name}.parquet", held_out)
+        shutil.rmtree(work)
     write_json(metrics_path, metrics)
     return metrics

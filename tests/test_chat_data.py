@@ -16,9 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import librarian.chat_data as chat_data
+import librarian.io
 from librarian import words
 from librarian.chat_data import (SPLITS, TEMPLATES, assign_kinds, build_chat_data, build_split, kind_quotas,
                                  main_character, offers, split_opening)
+from librarian.external_sort import PositionSort
 from librarian.config import REQUEST_KINDS, load_params
 from librarian.errors import LibrarianError
 from librarian.io import read_stories, write_stories
@@ -416,3 +419,129 @@ def test_held_out_phrasings_never_occur_in_train_conversations(varied):
 def test_variants_below_one_are_refused(tmp_path):
     with pytest.raises(LibrarianError, match=r"chat_data.variants: input should be greater than or equal to 1"):
         params(tmp_path, **{"chat_data.variants": 0})
+
+
+# --- streamed: a batch and a bucket at a time, the in-memory build's bytes -----------------------------
+
+
+def in_memory_chat_data(clean_dir: Path, out_dir: Path, metrics_path: Path, params) -> None:
+    """The stage as it was before it streamed, every split and table held whole: the oracle."""
+    from librarian.chat_data import HELD_OUT_SPLITS, UNSEEN, held_out_table, split_counts, to_arrow
+
+    settings, tables, metrics = params.chat_data, {}, {}
+    for split in SPLITS:
+        stories = read_stories(clean_dir / f"{split}.parquet")
+        offered = [offers(story, settings.words_within) for story in stories]
+        streams = {split: f"chat_data/{split}"} | ({f"{split}-v{v}": f"chat_data/{split}/variant-{v}"
+                                                    for v in range(1, settings.variants)} if split == "train" else {})
+        for name, stream in streams.items():
+            tables[name], _ = build_split(stories, settings, rng_for(params.seed, stream), offered)
+            metrics[name] = split_counts(tables[name])
+        if split in HELD_OUT_SPLITS:
+            tables[split + UNSEEN] = held_out_table(tables[split], offered, rng_for(params.seed, f"chat_data/{split}/unseen"))
+    out_dir.mkdir(parents=True)
+    for name, table in tables.items():
+        pq.write_table(to_arrow(table), out_dir / f"{name}.parquet", compression="zstd",
+                       row_group_size=librarian.io.ROW_GROUP_STORIES)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def streamed_files(clean_dir: Path, root: Path, p, monkeypatch, batch: int, bucket: int) -> dict[str, bytes]:
+    monkeypatch.setattr(librarian.io, "READ_BATCH_STORIES", batch)
+    monkeypatch.setattr(chat_data, "SORT_BUCKET_ROWS", bucket)
+    build_chat_data(clean_dir, root / "data" / "chat", root / "metrics" / "chat_data.json", p)
+    assert sorted(q.name for q in (root / "data" / "chat").iterdir()) == sorted(
+        q.name for q in (root / "data" / "chat").glob("*.parquet"))  # no temporaries left in the output
+    return files(root)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"chat_data.variants": 2}, {"chat_data.multi_turn": 0.0},
+                                       {"chat_data.multi_turn": 0.5}], ids=["default", "variants-2", "multi-0", "multi-0.5"])
+def test_tiny_batches_and_buckets_give_the_in_memory_builds_bytes(clean_dir, tmp_path, monkeypatch, overrides):
+    monkeypatch.setattr(librarian.io, "ROW_GROUP_STORIES", 16)  # every table in many row groups
+    p = params(tmp_path, **overrides)
+    in_memory_chat_data(clean_dir, tmp_path / "memory" / "data" / "chat",
+                        tmp_path / "memory" / "metrics" / "chat_data.json", p)
+    oracle = files(tmp_path / "memory")
+    assert len(oracle) == 5 + overrides.get("chat_data.variants", 1)  # 4 val/test tables, metrics, train(s)
+    # 7-story batches with a short last one, 5-row buckets; one batch and one bucket for all.
+    assert streamed_files(clean_dir, tmp_path / "tiny", p, monkeypatch, 7, 5) == oracle
+    assert streamed_files(clean_dir, tmp_path / "whole", p, monkeypatch, 100_000, 100_000) == oracle
+
+
+def test_the_committed_params_give_the_in_memory_bytes_at_the_real_row_group_size(clean_dir, built, tmp_path):
+    in_memory_chat_data(clean_dir, tmp_path / "data" / "chat", tmp_path / "metrics" / "chat_data.json", params(tmp_path))
+    assert files(tmp_path) == files(built)
+
+
+def test_the_sort_holds_one_bucket_of_rows_at_a_time(clean_dir, tmp_path, monkeypatch):
+    """What bounds memory: the sort yields SORT_BUCKET_ROWS rows at a time, and the stories are read in batches."""
+    held, batches = [], []
+    tables, iter_batches = PositionSort.tables, pq.ParquetFile.iter_batches
+
+    def counted_tables(self):
+        for table in tables(self):
+            held.append(table.num_rows)
+            yield table
+
+    def counted_batches(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            batches.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(PositionSort, "tables", counted_tables)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted_batches)
+    streamed_files(clean_dir, tmp_path, params(tmp_path), monkeypatch, 7, 5)
+    stories = sum(pq.ParquetFile(clean_dir / f"{split}.parquet").metadata.num_rows for split in SPLITS)
+    assert max(held) == 5 and sum(held) == stories  # each of train, val, test: every row once, 5 at a time
+    assert max(batches) == 7 and sum(batches) == 2 * stories  # pass 1 and pass 2 read every story once each
+
+
+@pytest.mark.parametrize("stories", [0, 1, 2, 3, 10, 101])
+@pytest.mark.parametrize("multi_turn", [0.0, 0.2, 0.5, 1.0])
+def test_turn_places_is_the_conversation_plan_per_story(stories, multi_turn):
+    from librarian.chat_data import conversation_plan, turn_places
+
+    plan = conversation_plan(stories, multi_turn, np.random.default_rng(stories))
+    conversation, turn, row = turn_places(stories, multi_turn, np.random.default_rng(stories))
+    assert list(plan["story"]) == list(np.argsort(row))
+    assert list(plan["conversation"]) == list(conversation[plan["story"]])
+    assert list(plan["turn"]) == list(turn[plan["story"]])
+
+
+@pytest.mark.parametrize("bucket", [1, 3, 64])
+def test_position_sort_puts_every_row_in_its_place(tmp_path, bucket):
+    rows = 50
+    places = np.random.default_rng(bucket).permutation(rows)
+    sort = PositionSort(tmp_path / "sort", pa.schema([("value", pa.int64())]), rows, bucket)
+    for piece in np.array_split(np.arange(rows), 7):
+        sort.add(pa.RecordBatch.from_arrays([pa.array(piece * 10)], names=["value"]), places[piece])
+    out = pa.concat_tables(list(sort.tables()))
+    assert out.column("value").to_pylist() == list(np.argsort(places) * 10)
+    assert not list((tmp_path / "sort").iterdir())  # each bucket's file goes once it is read
+
+
+def test_a_failure_midway_leaves_no_output_and_keeps_the_previous_one(clean_dir, tmp_path, monkeypatch):
+    """An error while writing the last table (train and val done): neither a new output, nor a temporary,
+    nor a damaged old output."""
+    write_table = chat_data.write_table
+
+    def fail_at_test(sort, path, held_out):
+        write_table(sort, path, held_out)
+        if path.name == "test.parquet":
+            raise OSError("the disk caught fire")
+
+    monkeypatch.setattr(chat_data, "write_table", fail_at_test)
+    with pytest.raises(OSError, match="caught fire"):
+        build_chat_data(clean_dir, tmp_path / "data" / "chat", tmp_path / "metrics" / "chat_data.json", params(tmp_path))
+    assert_nothing_written(tmp_path)
+
+    monkeypatch.setattr(chat_data, "write_table", write_table)
+    before = streamed_files(clean_dir, tmp_path, params(tmp_path), monkeypatch, 7, 5)
+    monkeypatch.setattr(chat_data, "write_table", fail_at_test)
+    with pytest.raises(OSError, match="caught fire"):
+        build_chat_data(clean_dir, tmp_path / "data" / "chat", tmp_path / "metrics" / "chat_data.json",
+                        params(tmp_path, seed=7))
+    assert files(tmp_path) == before
+    assert sorted(q.name for q in (tmp_path / "data").iterdir()) == ["chat"]  # no .chat.*.tmp beside it
