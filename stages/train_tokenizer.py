@@ -1,15 +1,13 @@
 """Stage train_tokenizer: a byte-level BPE learnt from the train split only."""
 
-from librarian.io import read_stories
 from librarian.stage import parse, run_stage
-from librarian.tokenizer import save_tokenizer, train_tokenizer
+from librarian.tokenizer import save_tokenizer, train_tokenizer_on_split
 
 
 @run_stage
 def main(argv=None):
     args, params = parse(__doc__, {"train": "data/clean/train.parquet"}, {"out": "data/tokenizer.json"}, argv)
-    stories = read_stories(args.train)
-    tokenizer = train_tokenizer(stories, params.tokenizer, n_stories=len(stories))
+    tokenizer = train_tokenizer_on_split(args.train, params.tokenizer)
     save_tokenizer(tokenizer, args.out)
     size = tokenizer.get_vocab_size()
     note = "" if size == params.tokenizer.vocab_size else f" (asked for {params.tokenizer.vocab_size}: the corpus has no more merges)"

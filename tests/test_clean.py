@@ -1,5 +1,12 @@
 import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from librarian.clean import (
@@ -7,14 +14,17 @@ from librarian.clean import (
     SPLITS,
     clean_corpus,
     clean_stories,
+    clean_workers,
     is_fragment,
     normalise,
+    normalise_whitespace,
     repair_mojibake,
     split_stories,
 )
 from librarian.errors import LibrarianError
 from librarian.io import read_stories, write_stories
-from tests.conftest import fixture_stories
+from tests.conftest import ROOT, fixture_stories
+from tests.dvc_project import code_env
 
 # Real lines from the hub's parquet (TinyStories v1 train, as shipped in tests/fixtures).
 REAL_MOJIBAKE = [
@@ -195,10 +205,10 @@ def clean_in_memory(src, params):
                     "splits": {name: len(stories) for name, stories in splits.items()}}
 
 
-def clean_outputs(src, out, params, monkeypatch, batch):
+def clean_outputs(src, out, params, monkeypatch, batch, workers=None):
     """Every byte clean_corpus writes, file by file, reading `batch` stories at a time."""
     monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", batch)
-    report = clean_corpus(src, out / "clean", out / "clean.json", params)
+    report = clean_corpus(src, out / "clean", out / "clean.json", params, workers=workers)
     return report, {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
 
 
@@ -272,3 +282,128 @@ def test_clean_corpus_in_batches_fails_as_before_and_writes_nothing(tmp_path, ma
     with pytest.raises(LibrarianError, match=message):
         clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", make_params(**overrides))
     assert [path.name for path in tmp_path.iterdir()] == ["subsample"]  # no output, no temporary folder
+
+
+# --- workers: the stories screened in other processes, dedup here ----------------------------------
+
+
+def workers_of_this_process() -> set[int]:
+    """The pids of this process's children, except multiprocessing's resource tracker: started with
+    the first pool, it stays until this process exits (it outlives no stage)."""
+    return {child.pid for child in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(child.cmdline())}
+
+
+@pytest.mark.parametrize("batch", [3, 64])
+def test_two_workers_write_the_bytes_and_counts_of_one(tmp_path, make_params, monkeypatch, batch):
+    monkeypatch.setattr("librarian.io.ROW_GROUP_STORIES", 16)
+    src, params = fixture_with_duplicates(tmp_path / "subsample"), make_params()
+    before = workers_of_this_process()
+    one = clean_outputs(src, tmp_path / "one", params, monkeypatch, batch, workers=1)
+    two = clean_outputs(src, tmp_path / "two", params, monkeypatch, batch, workers=2)
+    assert two == one  # report and every file, byte for byte
+    report = two[0]
+    assert report["train_pool"]["dropped"]["duplicate"] == 2 and report[OFFICIAL_VALIDATION]["dropped"]["duplicate"] == 3
+    assert report["train_pool"]["stories_in"] == 372 and report["train_pool"]["changed"]["mojibake"] > 0
+    assert workers_of_this_process() == before  # the pool is gone with the stage
+
+
+def test_a_failing_clean_on_workers_leaves_no_worker(tmp_path, make_params, monkeypatch):
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", 7)
+    src = write_subsample(tmp_path / "subsample", fixture_stories(), fixture_stories("validation-sample.txt.gz"))
+    before = workers_of_this_process()
+    with pytest.raises(LibrarianError, match="no story is left after cleaning 370 "):
+        clean_corpus(src, tmp_path / "clean", tmp_path / "clean.json", make_params(**{"clean.min_chars": 5000}), workers=2)
+    assert workers_of_this_process() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["subsample"]
+
+
+def test_workers_for_a_large_corpus_only(tmp_path, monkeypatch):
+    src = write_subsample(tmp_path / "subsample", fixture_stories(), fixture_stories("validation-sample.txt.gz"))
+    splits = [src / "train.parquet", src / "validation.parquet"]
+    monkeypatch.setattr("librarian.clean.available_cores", lambda: 2)
+    assert clean_workers(splits) == 1  # the fixture: starting workers would cost more than they save
+    monkeypatch.setattr("librarian.clean.PARALLEL_MIN_STORIES", 370 + 10)  # train + validation
+    assert clean_workers(splits) == 2
+    assert clean_workers(splits[:1]) == 1
+    monkeypatch.setattr("librarian.clean.available_cores", lambda: 1)
+    assert clean_workers(splits) == 1
+
+
+# The clean stage with its workers forced on the fixture, stopped in its third batch by the signal
+# in argv[1] (sent to its whole process group for SIGINT, as Ctrl-C is). The pids of its workers go
+# to argv[2] first.
+STOPPED_STAGE = """
+import os, signal, sys
+import psutil
+import librarian.clean as clean
+import librarian.io
+from stages.clean import main
+
+librarian.io.READ_BATCH_STORIES = 7
+clean.PARALLEL_MIN_STORIES, clean.available_cores = 0, lambda: 2
+signum, pids = signal.Signals[sys.argv[1]], sys.argv[2]
+first_occurrences, calls = clean.first_occurrences, []
+
+def stop_in_the_third_batch(*args):
+    calls.append(1)
+    if len(calls) == 3:
+        workers = [p.pid for p in psutil.Process().children() if "resource_tracker" not in " ".join(p.cmdline())]
+        open(pids, "w").write(" ".join(map(str, workers)))
+        os.killpg(0, signum) if signum == signal.SIGINT else os.kill(os.getpid(), signum)
+    return first_occurrences(*args)
+
+clean.first_occurrences = stop_in_the_third_batch
+main(sys.argv[3:])
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("signum,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGKILL", -9)])
+def test_a_stopped_clean_leaves_no_worker_and_no_output(tmp_path, signum, code):
+    (tmp_path / "data").mkdir()
+    src = write_subsample(tmp_path / "data" / "subsample", fixture_stories(), fixture_stories("validation-sample.txt.gz"))
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    pids = tmp_path / "workers.txt"
+    args = [str(src), str(tmp_path / "data" / "clean"), str(tmp_path / "metrics" / "clean.json"),
+            "--params", str(tmp_path / "params.yaml")]
+    # A session of its own: its SIGINT reaches its process group, as Ctrl-C does, and not pytest.
+    run = subprocess.run([sys.executable, "-c", STOPPED_STAGE, signum, str(pids), *args], cwd=ROOT, env=code_env(),
+                         capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert run.returncode == code, run.stderr
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 10  # after kill -9 the kernel signals them: it may take a moment
+    while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in workers)
+    assert "Traceback" not in run.stderr  # no worker speaks up
+    assert not (tmp_path / "data" / "clean").exists() and not (tmp_path / "metrics").exists()
+    if code > 0:  # unwound: the temporary folder is gone too (after kill -9, the next run removes it)
+        assert run.stderr.strip().splitlines()[-1].startswith(("error: interrupted", "error: terminated"))
+        assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["subsample"]
+
+
+def old_normalise_whitespace(text: str) -> str:
+    """The whitespace rule as regular expressions, as it was written before it was made faster."""
+    text = re.sub(r"\r\n?|[\u2028\u2029\x85]", "\n", text)
+    text = re.sub(r"[^\S\n]+", " ", text)
+    return re.sub(r"\s*\n\s*", "\n", text).strip()
+
+
+def test_the_whitespace_rule_equals_its_regular_expressions():
+    # Every character Python counts as whitespace, line breaks of every kind, and a few others.
+    spaces = [chr(i) for i in range(0x3001) if chr(i).isspace()] + ["\r\n", "\u200b", "\ufeff"]
+    alphabet = spaces * 3 + ["a", "b", ".", "é", "中"]
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert normalise_whitespace(text) == old_normalise_whitespace(text), repr(text)
+    for story in fixture_stories():
+        assert normalise_whitespace(story) == old_normalise_whitespace(story)

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,9 +9,10 @@ from tokenizers import Tokenizer, models
 from librarian.clean import clean_stories
 from librarian.errors import LibrarianError
 from librarian.io import write_stories
-from librarian.tokenizer import EOT, PAD, load_tokenizer, save_tokenizer, train_tokenizer
+from librarian.tokenizer import EOT, PAD, load_tokenizer, save_tokenizer, train_tokenizer, train_tokenizer_on_split
 from librarian.tokens import DTYPE, check_vocab_fits, tokenize_corpus
 from tests.conftest import fixture_stories
+from tests.dvc_project import code_env
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +44,19 @@ def test_training_is_byte_identical_across_runs(tmp_path, corpus, tokenizer_para
     again = tmp_path / "again.json"
     save_tokenizer(train_tokenizer(iter(corpus), tokenizer_params, n_stories=len(corpus)), again)
     assert again.read_bytes() == tokenizer_file.read_bytes()
+
+
+def test_training_streamed_from_the_split_equals_training_on_the_whole_list(tmp_path, corpus, tokenizer_params,
+                                                                           tokenizer_file, monkeypatch):
+    monkeypatch.setattr("librarian.io.READ_BATCH_STORIES", 7)  # many batches, a short last one
+    write_stories(tmp_path / "train.parquet", corpus)
+    save_tokenizer(train_tokenizer_on_split(tmp_path / "train.parquet", tokenizer_params), tmp_path / "streamed.json")
+    assert (tmp_path / "streamed.json").read_bytes() == tokenizer_file.read_bytes()
+
+
+def test_training_on_a_missing_split_says_what_makes_it(tmp_path, tokenizer_params):
+    with pytest.raises(LibrarianError, match="train.parquet not found; run `dvc repro clean` first"):
+        train_tokenizer_on_split(tmp_path / "train.parquet", tokenizer_params)
 
 
 def test_vocab_and_special_token_ids(tokenizer_file):
@@ -116,3 +132,23 @@ def test_token_files_and_sidecars(tmp_path, clean_dir, tokenizer_file, corpus):
         assert int(ids.max()) < meta["vocab_size"] == 1000
         assert meta["utf8_bytes"] == sum(len(s.encode()) for s in stories)
         assert meta["tokenizer_sha256"] == hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+
+
+# The tokenize stage's encoding with the tokenizers thread pool at the size in argv[1].
+TOKENIZE_ON_THREADS = """
+import os, sys
+os.environ["RAYON_NUM_THREADS"] = sys.argv[1]  # before the pool starts, at the first encode
+from librarian.tokens import tokenize_corpus
+tokenize_corpus(sys.argv[2], sys.argv[3], sys.argv[4], chunk_stories=64)
+"""
+
+
+def test_tokenize_on_one_and_two_threads_writes_the_same_bytes(tmp_path, clean_dir, tokenizer_file):
+    outputs = {}
+    for threads in ("1", "2"):
+        out = tmp_path / f"tokens-{threads}"
+        subprocess.run([sys.executable, "-c", TOKENIZE_ON_THREADS, threads, str(clean_dir), str(tokenizer_file), str(out)],
+                       env={**code_env(), "TOKENIZERS_PARALLELISM": "true"}, check=True, timeout=120)
+        outputs[threads] = {path.name: path.read_bytes() for path in sorted(out.iterdir())}
+    assert sorted(outputs["1"]) == ["train.bin", "train.json", "val.bin", "val.json"]
+    assert outputs["1"] == outputs["2"]
