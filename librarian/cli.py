@@ -351,6 +351,14 @@ def check_project(args: argparse.Namespace) -> None:
                              f"(a tiny model in about two minutes, offline) or `dvc repro`, or pass {options}")
 
 
+def check_given_tokenizer(args: argparse.Namespace) -> None:
+    """A --tokenizer the user gave is checked first, so that its errors say to fix the path, not to rerun DVC."""
+    if getattr(args, "tokenizer", DEFAULT_TOKENIZER) != DEFAULT_TOKENIZER:
+        from librarian.tokenizer import GIVEN_FIX, load_tokenizer
+
+        load_tokenizer(args.tokenizer, fix=GIVEN_FIX)
+
+
 def require_open(stream: str, why: str) -> None:
     """`<&-` or `>&-` closes a standard stream, and Python then sets sys.stdin/sys.stdout to None."""
     if getattr(sys, stream) is None:
@@ -363,6 +371,7 @@ def _main(argv=None) -> None:
         args.model = default_model()
     try:
         check_project(args)
+        check_given_tokenizer(args)
         args.run(args)
     except KeyboardInterrupt:
         print("\n(interrupted)", file=sys.stderr)

@@ -34,11 +34,9 @@ class Spill:
         self.path, self.schema = Path(path), schema
         self._sink = pa.OSFile(str(self.path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema, options=SPILL_OPTIONS)
-        self.rows = 0
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         self._writer.write(batch)
-        self.rows += batch.num_rows
 
     def close(self) -> None:
         if not self._sink.closed:

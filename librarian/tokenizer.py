@@ -59,11 +59,17 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
     write_text(path, tokenizer.to_str(pretty=True))
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+# What to do about a bad tokenizer: the pipeline's own is remade by its stage; one a user gave is theirs to fix.
+PIPELINE_FIX = "rerun `dvc repro -f train_tokenizer`"
+GIVEN_FIX = "give the tokenizer.json the model was trained with (its project's data/tokenizer.json, or an export's)"
+
+
+def load_tokenizer(path: str | Path, fix: str = PIPELINE_FIX) -> Tokenizer:
     """Load tokenizer.json, refusing a damaged file or one without the special tokens we rely on."""
     path = Path(path)
     if not path.exists():
-        raise LibrarianError(f"tokenizer {path} not found; run `dvc repro train_tokenizer` first")
+        raise LibrarianError(f"tokenizer {path} not found; "
+                             + ("run `dvc repro train_tokenizer` first" if fix == PIPELINE_FIX else "check the path"))
     if path.is_dir():  # not a damaged tokenizer: retraining would not help
         inside = path / "tokenizer.json"
         hint = f"did you mean {inside}?" if inside.is_file() else "give the path of the tokenizer.json file in it"
@@ -72,7 +78,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         reason = (str(exc).splitlines() or ["unreadable"])[0][:160]
-        raise LibrarianError(f"tokenizer {path} is invalid or truncated ({reason}); rerun `dvc repro -f train_tokenizer`") from None
+        raise LibrarianError(f"tokenizer {path} is invalid or truncated ({reason}); {fix}") from None
     missing = [t for t in REQUIRED_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:
         raise LibrarianError(f"tokenizer {path} lacks the special tokens {', '.join(missing)}; retrain it with them")
