@@ -11,7 +11,7 @@ data/clean, data/tokenizer.json, data/tokens). Each run is the stage's own main 
 own (cwd = PROJECT, PYTHONPATH = the repo), writing under PROJECT/data/par-* and metrics/par-*
 (deleted after):
   * clean, all cores: `python -m stages.clean`, as DVC runs it (workers: one per core);
-  * clean, 1 worker: the same main with librarian.clean.available_cores made 1 (one process);
+  * clean, 1 worker: the same main with librarian.data.clean.available_cores made 1 (one process);
   * tokenize, all cores / 1 thread: `python -m stages.tokenize`, RAYON_NUM_THREADS unset / 1.
 The two settings alternate, --repeat times each, so that a change in the machine's load hits both.
 Per run: wall seconds; CPU seconds of the stage and its workers (user + system); the CPU seconds
@@ -22,7 +22,7 @@ run that others slowed down says so); peak RSS of the process tree, polled. The 
 Checks, for every run: its files are byte-identical (sha256) to the project's own data/clean,
 metrics/clean.json and data/tokens, which data_scale.py made (so, with the code of that time).
 
---clean-sizes N,...: the threshold (librarian.clean.PARALLEL_MIN_STORIES): the first N train stories
+--clean-sizes N,...: the threshold (librarian.data.clean.PARALLEL_MIN_STORIES): the first N train stories
 alone, cleaned on 1 worker and on every core, the workers forced whatever the size.
 --train-tokenizer: the stage (streaming batches) against the whole-list read it replaced: peak RSS,
 wall seconds, the same tokenizer.json bytes.
@@ -52,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_scale import _die_with_us, tree_rss  # noqa: E402  (sibling scripts: their folder is on sys.path)
 from generate_throughput import cpu_name  # noqa: E402
-from librarian.clean import clean_workers  # noqa: E402
-from librarian.parallel import available_cores  # noqa: E402
+from librarian.data.clean import clean_workers  # noqa: E402
+from librarian.data.parallel import available_cores  # noqa: E402
 
 POLL_S = 0.05
 # A stage's main with module attributes set first: {"module": {"name": value}}; a value for
@@ -71,9 +71,9 @@ importlib.import_module(stage).main(sys.argv[1:])
 # The train_tokenizer stage as it was: the whole train split read into a list first.
 WHOLE_LIST_TRAIN_TOKENIZER = """
 import sys
-from librarian.config import load_params
-from librarian.io import read_stories
-from librarian.tokenizer import save_tokenizer, train_tokenizer
+from librarian.core.config import load_params
+from librarian.core.io import read_stories
+from librarian.data.tokenizer import save_tokenizer, train_tokenizer
 train, out, params = sys.argv[1], sys.argv[2], load_params(sys.argv[3])
 stories = read_stories(train)
 save_tokenizer(train_tokenizer(stories, params.tokenizer, n_stories=len(stories)), out)
@@ -176,9 +176,9 @@ def remove(*paths: Path) -> None:
 
 def clean_settings(project: Path, force: bool) -> dict[str, dict | None]:
     """1 worker against every core: forced whatever the size, or as the stage chooses."""
-    one = {"librarian.clean": {"available_cores": 1}}
+    one = {"librarian.data.clean": {"available_cores": 1}}
     if force:
-        return {"1 worker": one, f"{available_cores()} workers": {"librarian.clean": {"PARALLEL_MIN_STORIES": 0}}}
+        return {"1 worker": one, f"{available_cores()} workers": {"librarian.data.clean": {"PARALLEL_MIN_STORIES": 0}}}
     splits = [p for p in (project / "data" / "subsample").glob("*.parquet")]
     return {"1 worker": one, f"stage's {clean_workers(splits)} workers": None}
 

@@ -69,9 +69,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from generate_throughput import cpu_name  # noqa: E402  (a sibling script: its folder is on sys.path when run)
-from librarian.clean import clean_stories, rejection  # noqa: E402
-from librarian.config import load_params  # noqa: E402
-from librarian.sources import read_local  # noqa: E402
+from librarian.data.clean import clean_stories, rejection  # noqa: E402
+from librarian.core.config import load_params  # noqa: E402
+from librarian.data.sources import read_local  # noqa: E402
 
 SOURCE = Path("/work/shared/data/tinystories")
 # Each stage: its command line (dvc.yaml's paths), what it reads, and the output that tells it ran.

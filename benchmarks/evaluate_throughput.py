@@ -6,14 +6,14 @@
 Data: real TinyStories text (/work/shared/data/tinystories, or --corpus): a byte-level BPE of
 the card's vocab (8000) is trained on the first --stories stories, which are then tokenized as the
 train split, and the next --stories // 4 as the test split, by the pipeline's own code
-(librarian/tokenizer.py, librarian/tokens.py). The model has the card's architecture and fresh
+(librarian/data/tokenizer.py, librarian/data/tokens.py). The model has the card's architecture and fresh
 random weights: speed does not depend on what they say.
 
-Training: librarian.train.Trainer with params.yaml as it is (the card's config: batch 32 x 128
+Training: librarian.training.train.Trainer with params.yaml as it is (the card's config: batch 32 x 128
 tokens, bf16 autocast, AdamW, train.threads 0 = torch's default of one thread per core), timed over
-its real train_step; also on the scoring's thread count. Scoring: librarian.evaluate.score_tokens
+its real train_step; also on the scoring's thread count. Scoring: librarian.evaluation.evaluate.score_tokens
 on the test split at params.yaml's eval settings (stride 64, batch 64) on eval.threads (0 = auto,
-librarian/threads.py: whole batches in parallel, one per core); also shown with the trunk in
+librarian/core/threads.py: whole batches in parallel, one per core); also shown with the trunk in
 float32, on the other thread count, and with a busy-loop process on one core. Figures are medians
 over --repeats interleaved rounds; a round that other processes disturbed is rerun (see generate_throughput.py),
 and the CPU they took is reported: the machine may be shared.
@@ -41,15 +41,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from generate_throughput import at, busy_core, card_config, cpu_name, medians  # noqa: E402
 
-from librarian.config import load_params  # noqa: E402
-from librarian.data import epoch_order, load_tokens  # noqa: E402
-from librarian.evaluate import score_tokens  # noqa: E402
-from librarian.model import GPT  # noqa: E402
-from librarian.sources import read_shard  # noqa: E402
-from librarian.threads import available_cores, resolve_threads, using_threads  # noqa: E402
-from librarian.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
-from librarian.tokens import tokenize_corpus  # noqa: E402
-from librarian.train import TrainPaths, Trainer, build_trainer  # noqa: E402
+from librarian.core.config import load_params  # noqa: E402
+from librarian.data.windows import epoch_order, load_tokens  # noqa: E402
+from librarian.evaluation.evaluate import score_tokens  # noqa: E402
+from librarian.model.gpt import GPT  # noqa: E402
+from librarian.data.sources import read_shard  # noqa: E402
+from librarian.core.threads import available_cores, resolve_threads, using_threads  # noqa: E402
+from librarian.data.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+from librarian.data.tokens import tokenize_corpus  # noqa: E402
+from librarian.training.train import TrainPaths, Trainer, build_trainer  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories" / "train-v2-part-000-cs336-sample5M.txt.gz"
 GOAL_RATIO = 2.0

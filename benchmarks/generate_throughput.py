@@ -7,11 +7,11 @@ decoding with one core busy.
 Without --model it uses the card's architecture with fresh random weights (speed does not depend
 on what the weights say). Greedy decoding, no stop token, so every run makes exactly the number
 of tokens asked for. Figures are medians over --repeats interleaved runs (the machine may be
-shared). Past the context length both paths slide the same window (librarian/generate.py), so
+shared). Past the context length both paths slide the same window (librarian/inference/generate.py), so
 the cache's advantage shrinks at 512 new tokens: it refills once every half context instead of
 every step.
 
-Threads: the runs use the CLI's default, the auto rule of librarian/threads.py. The busy figures
+Threads: the runs use the CLI's default, the auto rule of librarian/core/threads.py. The busy figures
 rerun cached decoding of 128 tokens while a busy-loop process pinned to one core competes for
 the CPU; torch's own default (one thread per core) is timed both ways too, as the baseline the
 auto rule replaced. --sweep-widths times decoding on one thread and on every core for models of
@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from librarian.generate import GenerationOptions, Generator, generate_ids  # noqa: E402
-from librarian.model import GPT, GPTConfig  # noqa: E402
-from librarian.threads import auto_threads, available_cores, using_threads  # noqa: E402
+from librarian.inference.generate import GenerationOptions, Generator, generate_ids  # noqa: E402
+from librarian.model.gpt import GPT, GPTConfig  # noqa: E402
+from librarian.core.threads import auto_threads, available_cores, using_threads  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside."
 CHAT_PROMPT = "User: Hi! Can you tell me a story about a brave little cat?\nAssistant:"
@@ -50,7 +50,7 @@ BUSY_LOOP = "while True: pass"
 
 def card_config(vocab_size: int = 8000, **overrides) -> GPTConfig:
     """The model of params.yaml (the card's) at `vocab_size`, with `overrides`."""
-    from librarian.config import load_params
+    from librarian.core.config import load_params
 
     model = load_params(ROOT / "params.yaml").model
     return GPTConfig(**{**model.model_dump(), "vocab_size": vocab_size, **overrides})
@@ -147,9 +147,9 @@ def time_to_first_token(generator: Generator) -> float:
 def load(args) -> Generator:
     if args.model:
         return Generator.load(args.model, args.tokenizer)
-    from librarian.config import load_params
-    from librarian.sources import read_shard
-    from librarian.tokenizer import train_tokenizer
+    from librarian.core.config import load_params
+    from librarian.data.sources import read_shard
+    from librarian.data.tokenizer import train_tokenizer
 
     stories = read_shard(ROOT / "tests" / "fixtures" / "tinystories" / "train-sample.txt.gz")
     tokenizer = train_tokenizer(stories, load_params(ROOT / "params.yaml").tokenizer)

@@ -6,7 +6,7 @@ at 1, 4, 16 and 64 concurrent streams, and whether batching changes the texts.
         --requests-per-stream 1 --max-tokens 64          # a quicker run
     python benchmarks/serve_throughput.py --url http://127.0.0.1:8000   # a server already running
 
-The server is started as `python -m librarian.cli serve --port 0` in a process of its own (stopped
+The server is started as `python -m librarian.cli.main serve --port 0` in a process of its own (stopped
 at the end, also on Ctrl-C or an error), unless --url names one. The client is asyncio with
 httpx, one connection per stream. At each level of --streams, every stream sends
 --requests-per-stream chat requests one after the other (POST /v1/chat/completions, stream: true,
@@ -28,7 +28,7 @@ shown, in cores: the machine may be shared, and the client, on the same machine,
 
 --check-solo N: N requests sent alone, one at a time, then the same N all at once (half greedy,
 half sampled with a seed); the texts should be identical, since each sequence keeps its own seeded
-generator (librarian/batching.py says why the last bits of a float, and so rarely a near-tie
+generator (librarian/inference/batching.py says why the last bits of a float, and so rarely a near-tie
 token, may still differ).
 
 Goal: 16 streams >= 6x one stream in tokens/s, p95 time to first token < 1 s (at 16 streams).
@@ -87,7 +87,7 @@ class ServerProcess:
     """`librarian serve` in a session of its own (a Ctrl-C in the terminal reaches only us, and we stop it)."""
 
     def __init__(self, model: Path, tokenizer: Path, threads: int, slots: int):
-        command = [sys.executable, "-m", "librarian.cli", "serve", "--model", str(model), "--tokenizer",
+        command = [sys.executable, "-m", "librarian.cli.main", "serve", "--model", str(model), "--tokenizer",
                    str(tokenizer), "--port", "0", "--threads", str(threads), "--slots", str(slots)]
         self.lines: list[str] = []  # everything it printed (stdout and stderr)
         self.startup_lines = self.stop_lines = 0

@@ -7,7 +7,7 @@
     python benchmarks/speedrun.py --command speedrun  # the `dvc exp run` command of a recipe
 
 What it does, per recipe (params.yaml with the recipe's keys overridden, validated like any params):
-  * trains with the train stage's own Trainer (librarian.train.build_trainer: same loop, optimizer,
+  * trains with the train stage's own Trainer (librarian.training.train.build_trainer: same loop, optimizer,
     schedule and data order as `dvc repro`) on the token files of a real-data run (--tokens: the
     folder the tokenize stage wrote; train.bin, val.bin and test.bin are read);
   * every --check-every optimizer steps (and at the recipe's last step) it scores the validation
@@ -39,12 +39,12 @@ import torch
 import yaml
 
 from generate_throughput import cpu_name  # a sibling script: its folder is on sys.path when run
-from librarian.config import Params, load_params, parse_params
-from librarian.data import load_tokens
-from librarian.errors import LibrarianError
-from librarian.evaluate import metrics_from_counts, score_tokens
-from librarian.threads import available_cores, resolve_threads
-from librarian.train import Trainer, TrainPaths, build_trainer
+from librarian.core.config import Params, load_params, parse_params
+from librarian.data.windows import load_tokens
+from librarian.core.errors import LibrarianError
+from librarian.evaluation.evaluate import metrics_from_counts, score_tokens
+from librarian.core.threads import available_cores, resolve_threads
+from librarian.training.train import Trainer, TrainPaths, build_trainer
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TARGET_PERPLEXITY = 12.76  # the model card's held-out perplexity (12.763)

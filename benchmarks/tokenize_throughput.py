@@ -24,17 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from librarian.clean import clean_stories  # noqa: E402
-from librarian.config import load_params  # noqa: E402
-from librarian.io import write_stories  # noqa: E402
-from librarian.sources import read_local  # noqa: E402
-from librarian.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
-from librarian.tokens import encode_split  # noqa: E402
+from librarian.data.clean import clean_stories  # noqa: E402
+from librarian.core.config import load_params  # noqa: E402
+from librarian.core.io import write_stories  # noqa: E402
+from librarian.data.sources import read_local  # noqa: E402
+from librarian.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
+from librarian.data.tokens import encode_split  # noqa: E402
 
 MEMORY_PROBE = """
 import sys
 sys.path.insert(0, {root!r})
-from librarian.tokens import tokenize_corpus
+from librarian.data.tokens import tokenize_corpus
 tokenize_corpus({clean!r}, {tok!r}, {out!r}, {chunk})
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
 print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))

@@ -7,12 +7,12 @@
     python benchmarks/train_throughput.py --profile --only recipe_compile_fused_loss  # + where a step's time goes
     python benchmarks/train_throughput.py --list                # the setups and the params they set
 
-What it times: librarian.train.Trainer.train_step itself -- the learning rate from lr_at, the
+What it times: librarian.training.train.Trainer.train_step itself -- the learning rate from lr_at, the
 forward and loss through TrainingLoss (with train.fused_loss / train.compile as the params say),
 autocast as train.amp, backward, the AdamW that build_optimizer makes, zero_grad -- on a Trainer
 built from the project's params.yaml (--params), so the benchmark runs exactly what `train` runs
 and cannot drift from it. Each setup is params.yaml with a few keys overridden (validated by
-librarian.config like any params file); the batch, lr, decay and model are params.yaml's. The
+librarian.core.config like any params file); the batch, lr, decay and model are params.yaml's. The
 Trainer reads a train.bin / val.bin pair of random token ids of the tokenizer's vocab, written
 with their sidecars in a temporary folder: speed does not depend on what the tokens say.
 
@@ -82,12 +82,12 @@ import numpy as np
 import torch
 
 from generate_throughput import cpu_name  # a sibling script: its folder is on sys.path when run
-from librarian.config import Params, load_params, parse_params
-from librarian.data import epoch_order
-from librarian.errors import LibrarianError
-from librarian.io import write_json
-from librarian.threads import available_cores
-from librarian.train import TrainPaths, build_trainer
+from librarian.core.config import Params, load_params, parse_params
+from librarian.data.windows import epoch_order
+from librarian.core.errors import LibrarianError
+from librarian.core.io import write_json
+from librarian.core.threads import available_cores
+from librarian.training.train import TrainPaths, build_trainer
 
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 GOAL_CARD_SPEEDUP = 3.5  # the fastest setup of the card's model (dropout 0.2)
@@ -305,7 +305,7 @@ class Workers:
 
 
 def build_config(config: dict):
-    from librarian.config import GPTConfig
+    from librarian.core.config import GPTConfig
 
     return GPTConfig(**config)
 
@@ -525,7 +525,7 @@ def report(runs: dict, failures: dict, rates: dict, peaks: dict, loads: dict, pr
                   "batch_size": tp.batch_size, "grad_accum": tp.grad_accum,
                   "tokens_per_step": baseline.tokens_per_step,
                   "train_flops_per_token": flops_per_token(baseline)},
-        "method": {"timed": "librarian.train.Trainer.train_step", "warmup_steps": args.warmup,
+        "method": {"timed": "librarian.training.train.Trainer.train_step", "warmup_steps": args.warmup,
                    "timed_rounds": args.rounds, "steps_per_round": args.steps,
                    "untimed_steps_per_turn": 1,
                    "tokens_per_s": "median over the interleaved rounds",

@@ -6,6 +6,6 @@ run_stage takes over, either means one line and exit 130 or 143: nothing has bee
 The stage also gets SIGTERM from now on if the process that launched it (DVC) dies.
 """
 
-from librarian.process import while_starting
+from librarian.core.process import while_starting
 
 while_starting()

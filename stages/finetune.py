@@ -1,8 +1,8 @@
 """Stage finetune: fine-tune the trained model on the chat conversations (loss on the replies only)."""
 
-from librarian.finetune import finetune
-from librarian.stage import parse, run_stage
-from librarian.train import TrainPaths
+from librarian.training.finetune import finetune
+from librarian.core.stage import parse, run_stage
+from librarian.training.train import TrainPaths
 
 
 @run_stage

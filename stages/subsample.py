@@ -1,7 +1,7 @@
 """Stage subsample: keep a seeded random data.fraction of the train split."""
 
-from librarian.stage import parse, run_stage
-from librarian.subsample import subsample
+from librarian.core.stage import parse, run_stage
+from librarian.data.subsample import subsample
 
 
 @run_stage

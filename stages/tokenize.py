@@ -1,7 +1,7 @@
 """Stage tokenize: encode every split into a uint16 token file with a JSON sidecar."""
 
-from librarian.stage import parse, run_stage
-from librarian.tokens import tokenize_corpus
+from librarian.core.stage import parse, run_stage
+from librarian.data.tokens import tokenize_corpus
 
 
 @run_stage

@@ -1,7 +1,7 @@
 """Stage train: train the GPT on the train split, validating every epoch; resumes if interrupted."""
 
-from librarian.stage import parse, run_stage
-from librarian.train import TrainPaths, train
+from librarian.core.stage import parse, run_stage
+from librarian.training.train import TrainPaths, train
 
 
 @run_stage

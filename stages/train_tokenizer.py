@@ -1,7 +1,7 @@
 """Stage train_tokenizer: a byte-level BPE learnt from the train split only."""
 
-from librarian.stage import parse, run_stage
-from librarian.tokenizer import save_tokenizer, train_tokenizer_on_split
+from librarian.core.stage import parse, run_stage
+from librarian.data.tokenizer import save_tokenizer, train_tokenizer_on_split
 
 
 @run_stage

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, set_dotted
+from tests.helpers import ROOT, set_dotted
 
 STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples",
           "chat_data", "chat_tokens", "finetune", "evaluate_chat", "chat_samples"]

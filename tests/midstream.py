@@ -3,7 +3,7 @@ call of a hooked function: kill -9 in the middle of a stream, at a point a test 
 
     python tests/midstream.py COUNT_FILE K MODULE:ATTR[,MODULE:ATTR...] stages.clean ARGS...
 
-A hook is a function or method (`librarian.io:StoryWriter.write`); when it returns an iterator,
+A hook is a function or method (`librarian.core.io:StoryWriter.write`); when it returns an iterator,
 each item it yields is a call. K = 0 only counts: the number of calls goes to COUNT_FILE at exit,
 so that a test can pick K in the middle. Before the kill, the pids of the stage's child processes
 go to COUNT_FILE.children: a test checks that none outlives it.
@@ -77,11 +77,11 @@ def install(target: str, counter: Counter) -> None:
 def main() -> None:
     count_file, kill_at, targets, module, *args = sys.argv[1:]
     sys.path.insert(0, os.getcwd())  # as `python -m` puts it: the project's librarian/ and stages/
-    import librarian.io
-    import librarian.shards
+    import librarian.core.io
+    import librarian.data.shards
 
-    librarian.io.READ_BATCH_STORIES = READ_BATCH_STORIES
-    librarian.shards.TEXT_BLOCK_BYTES = TEXT_BLOCK_BYTES
+    librarian.core.io.READ_BATCH_STORIES = READ_BATCH_STORIES
+    librarian.data.shards.TEXT_BLOCK_BYTES = TEXT_BLOCK_BYTES
     counter = Counter(Path(count_file), int(kill_at))
     for target in targets.split(","):
         install(target, counter)

@@ -1,0 +1,1 @@
+"""What every part shares: the typed params (config), errors, atomic writes (io), output paths, process and signal handling, the stage runner, progress, seeded RNG, threads and the runtime environment. Imports nothing else of librarian."""

@@ -1,0 +1,32 @@
+"""Where stages may write: inside the project's data/ and metrics/ folders, nowhere else.
+
+dvc.yaml gives every stage its output paths. A `..` in one, or a symlink planted on the way (a
+link at data/tokens, or data/ itself linked elsewhere), would carry a write, and the delete
+that replacing an output starts with, outside the project. Inputs are only read, so `data.source`
+and input paths may point anywhere, through `..` and symlinks alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from librarian.core.errors import LibrarianError
+
+WRITABLE = ("data", "metrics")
+
+
+def check_output(path: str | Path, root: str | Path) -> None:
+    """Refuse an output path that is, or reaches through a symlink to, anywhere outside root/data or root/metrics."""
+    root = Path(os.path.abspath(root))
+    target = Path(os.path.normpath(os.path.abspath(path)))  # folds `..` the way the OS will not when linked
+    if not any(target.is_relative_to(root / top) and target != root / top for top in WRITABLE):
+        raise LibrarianError(f"output path {path} is outside the project's data/ and metrics/ folders ({root}); "
+                             "stages write only there: keep the output paths dvc.yaml gives them")
+    step = root
+    for part in target.relative_to(root).parts:
+        step = step / part
+        if step.is_symlink():
+            raise LibrarianError(f"output path {path} goes through the symlink {step.relative_to(root)} -> "
+                                 f"{os.readlink(step)}; replace it with a real folder (to keep data on another disk, "
+                                 "move the DVC cache there with `dvc cache dir`)")

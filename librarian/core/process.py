@@ -1,0 +1,268 @@
+"""Process hygiene: how a stage stops, and what it never shares with another process.
+
+- SIGTERM, what `timeout`, CI runners, systemd and `docker stop` send, is handled like Ctrl-C: it
+  raises an exception in the main thread, so atomic writes unwind and delete their temporary files.
+- A stage stops (by the same path) when the process that launched it dies: DVC killed mid-stage
+  must not leave an orphan training on, beside the next `dvc repro`'s run.
+- One process at a time writes a folder such as the training state (`lock_folder`).
+
+Only the standard library here: stages/__init__.py imports this before anything heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from librarian.core.errors import LibrarianError
+
+# The parent when this module is first imported, as early as a stage can look: if it has changed
+# by the time the parent-death signal is armed, the parent died in between and no signal will come.
+_PARENT_AT_START = os.getppid()
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
+_watching = False
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised wherever the main thread is.
+
+    A BaseException like KeyboardInterrupt, so that only clean-up code (`except BaseException`,
+    `finally`) sees it; but not a KeyboardInterrupt, which chat takes as "cancel this reply".
+    """
+
+
+def exit_code(signum: int) -> int:
+    """What a shell reports for a process stopped by `signum`: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + signum
+
+
+def while_starting() -> None:
+    """From a stage script's first line until run_stage takes over: imports take a second or two.
+
+    A Ctrl-C or SIGTERM then means one line and an exit (nothing has been written yet), not a
+    traceback from deep inside an import.
+    """
+    signal.signal(signal.SIGINT, _stop_while_starting)
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    stop_with_launcher()
+
+
+def _stop_while_starting(signum, frame):
+    ignore_stops()
+    name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    say(f"error: {name} while starting; nothing was written, rerun the stage to start again")
+    # Not sys.exit: unwinding through a half-done `import torch` and finalising the interpreter
+    # after it can abort in torch's C++ teardown (SIGABRT, "terminate called ..."). Nothing has
+    # been written yet, so there is nothing to unwind: leave at once.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    os._exit(exit_code(signum))
+
+
+def while_running() -> None:
+    """Ctrl-C raises KeyboardInterrupt, SIGTERM raises Terminated: atomic writes unwind and tidy up."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    stop_with_launcher()
+
+
+def _raise_terminated(signum, frame):
+    # One is enough: a second (the parent-death signal, after a kill of the whole process group)
+    # must not cut the clean-up of the first short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+class StopRequest:
+    """A Ctrl-C or SIGTERM noted, not raised: the loop that asked stops at its next safe point.
+
+    Training checks it between optimizer steps, saves its state there, then raises the stop, so
+    a resumed run continues from the very step it was stopped at. A second signal raises at once.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def _note(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now
+            _raise_stop(signum)
+        self.signum = signum
+
+    def raise_now(self) -> None:
+        if self.signum is not None:
+            _raise_stop(self.signum)
+
+
+def _raise_stop(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    _raise_terminated(signum, None)
+
+
+@contextlib.contextmanager
+def deferred_stops(enabled: bool = True):
+    """Within the block, Ctrl-C and SIGTERM only set the yielded StopRequest (main thread only)."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    before = {signum: signal.signal(signum, request._note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def ignore_stops() -> None:
+    """The outputs are in place, or the stage is already on its way out: signals change nothing now."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def say(line: str) -> None:
+    """One line on stderr, even when whoever read it is gone: the exit code must still come out right."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+# --- stopping with the launcher (Linux) ---------------------------------------------------------
+
+
+def stop_with_launcher() -> None:
+    """Get SIGTERM when the process that launched this one dies (once per process; Linux only).
+
+    The launcher is the parent, except behind a `sh -c` wrapper: DVC runs a stage's command through
+    `$SHELL -c` (`/bin/sh` when $SHELL is unset, as in CI), and dash forks the command instead of
+    exec'ing it, so killing DVC orphans the shell, which keeps waiting: the parent-death signal
+    alone would never come. A thread watches for the wrapper losing its parent instead.
+
+    Not armed under `nohup` straight from a shell: that asks to outlive the shell.
+    """
+    global _watching
+    if _watching or not sys.platform.startswith("linux"):
+        return
+    _watching = True
+    launcher, wrapper = _launcher()
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and _is_shell(_cmdline(launcher)):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != _PARENT_AT_START:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+    if wrapper is not None:
+        threading.Thread(target=_watch, args=(wrapper, launcher), name="launcher-watch", daemon=True).start()
+
+
+def _launcher() -> tuple[int, int | None]:
+    """(the launcher's PID, the PID of the `sh -c` wrapper between it and us, if any)."""
+    parent = os.getppid()
+    argv = _cmdline(parent)
+    if _is_shell(argv) and "-c" in argv[1:]:
+        launcher = _parent_of(parent)
+        if launcher is not None:
+            return launcher, parent
+    return parent, None
+
+
+def _watch(wrapper: int, launcher: int) -> None:
+    while _parent_of(wrapper) == launcher:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _is_shell(argv: list[str]) -> bool:
+    return bool(argv) and Path(argv[0]).name.lstrip("-") in _SHELLS  # "-bash": a login shell
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, then ppid
+
+
+# --- one process per folder ---------------------------------------------------------------------
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock beside `folder`, not in it: atomic_dir replaces the folder whole, lock included."""
+    return folder.with_name(f".{folder.name}.lock")
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | Path, user: str):
+    """Hold `folder` for this process alone while the block runs; else LibrarianError naming the holder.
+
+    An flock, which the kernel drops when its process dies (kill -9 included): a lock file left
+    behind by a crash never blocks. The holder's PID is written in the file for the message.
+    """
+    folder = Path(folder)
+    if os.name == "nt":  # no flock on Windows: not locked there
+        yield
+        return
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, folder, user)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        # Deleted while still held: whoever opened it meanwhile finds, once it has the lock, that
+        # its file is no longer the one at `path`, and starts over (see _acquire).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _acquire(path: Path, folder: Path, user: str) -> int:
+    import fcntl  # POSIX only
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            who = f"another {user} (PID {holder})" if holder else f"another {user}"
+            stop = f"stop it (`kill {holder}`)" if holder else "stop it"
+            raise LibrarianError(f"{folder} is in use by {who}; wait for it to finish, or {stop} and rerun") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder deleted the file as it let go: lock the one at `path` now
+
+
+def _holder(fd: int) -> int | None:
+    """The PID the holder wrote; it may still be writing it, so look a few times."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    return None

@@ -1,0 +1,1 @@
+"""The data stages (download, subsample, clean, train_tokenizer, tokenize, chat_data, chat_tokens) and the readers of what they write: token files, training windows, the tokenizer, the chat template. Imports only librarian.core."""

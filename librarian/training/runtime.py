@@ -1,0 +1,63 @@
+"""Where and how a training run executes: which process it is, on which device, in which precision.
+
+Set up once, before data and model, and handed to the Trainer: the Trainer never asks the
+environment itself, so a test or a fine-tuning run can give it any runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from librarian.training import distributed
+from librarian.core.config import TrainParams
+from librarian.core.environment import make_deterministic
+from librarian.core.errors import LibrarianError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool  # mixed precision: bf16 autocast on the CPU, fp16 with loss scaling on CUDA
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes checkpoints, curves and outputs; the others only compute."""
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # bf16 needs no loss scaling; fp16 on CUDA does.
+        return torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise LibrarianError(f"train.device is {name}, but this machine has no {name}; use train.device: auto or cpu")
+    return torch.device(name)
+
+
+def setup_runtime(tp: TrainParams) -> Runtime:
+    """Join the process group (under torchrun), set threads, pick the device, fix determinism."""
+    rank, world = distributed.init()
+    if tp.threads:
+        torch.set_num_threads(tp.threads)
+    device = pick_device(tp.device)
+    make_deterministic(device, tp.deterministic)
+    return Runtime(rank, world, device, tp.amp)
