@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from librarian.core.errors import LibrarianError
 
@@ -22,6 +23,14 @@ DEFAULT_PARAMS = Path("params.yaml")
 UINT16_VOCAB_LIMIT = 2**16
 REQUIRED_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")
 
+
+def doc(meaning: str, rule: str | None = None) -> FieldInfo:
+    """A key's meaning for the params reference (docs/reference/params.md, librarian/core/params_doc.py).
+
+    `rule` is the part of what the key accepts that its type cannot say: a cross-key rule such as
+    "divides d_model", checked by a validator. Neither changes validation.
+    """
+    return Field(description=meaning, json_schema_extra={"rule": rule} if rule else None)
 
 
 def _integral(value: object) -> object:
@@ -49,16 +58,33 @@ NonNegativeInt = Annotated[Count, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
 
+# Keys that mean the same in two sections, described once.
+Dropout = Annotated[float, Field(ge=0, lt=1), doc("dropout rate")]
+MaxEpochs = Annotated[PositiveInt, doc("upper bound on epochs")]
+MaxSteps = Annotated[NonNegativeInt, doc("stop after this many optimizer steps; 0 = no cap")]
+MaxTokens = Annotated[NonNegativeInt, doc("stop after this many training tokens; 0 = no cap")]
+BatchSize = Annotated[PositiveInt, doc("windows (sequences) per optimizer step")]
+WeightDecay = Annotated[float, Field(ge=0), doc("AdamW decoupled weight decay (torch's default is 0.01)")]
+GradClip = Annotated[float, Field(ge=0), doc("max gradient norm; 0 = off")]
+SamplingThreads = Annotated[NonNegativeInt, doc(
+    "CPU threads; 0 = auto, the fastest count for the model's size. samples and chat_samples: torch threads for "
+    "one generation at a time; evaluate_chat: requests answered side by side, one torch thread each")]
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class DataParams(Section):
-    source: Annotated[str, Field(min_length=1)]
-    fraction: Fraction
-    val_fraction: Fraction
-    test_fraction: Fraction
+    source: Annotated[str, Field(min_length=1), doc(
+        "where the stories come from: `hf:<owner>/<name>[@revision]` for the Hugging Face hub, or a local path "
+        "(relative to the params file's folder): `.txt` / `.txt.gz` with `<|endoftext|>` lines, `.parquet`, "
+        "`.jsonl`, or a folder of shards", rule="`hf:owner/name[@rev]` or a local path")]
+    fraction: Annotated[Fraction, doc("share of the train split kept by the `subsample` stage")]
+    val_fraction: Annotated[Fraction, doc("share of the clean stories held out for validation",
+                                          rule="val_fraction + test_fraction < 1")]
+    test_fraction: Annotated[Fraction, doc("share of the clean stories held out for the final test",
+                                           rule="val_fraction + test_fraction < 1")]
 
     @model_validator(mode="after")
     def _room_for_train(self):
@@ -71,9 +97,11 @@ class DataParams(Section):
 
 
 class CleanParams(Section):
-    min_chars: NonNegativeInt
-    max_chars: PositiveInt
-    drop_fragments: bool  # drop stories that end mid-sentence (no terminal punctuation)
+    min_chars: Annotated[NonNegativeInt, doc("stories shorter than this, after normalising, are dropped",
+                                             rule="< max_chars")]
+    max_chars: Annotated[PositiveInt, doc("stories longer than this are dropped (TinyStories never come close)")]
+    drop_fragments: Annotated[bool, doc(
+        "drop stories cut off mid-sentence: no sentence-final punctuation, in any script (README, Cleaning rules)")]
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -83,9 +111,13 @@ class CleanParams(Section):
 
 
 class TokenizerParams(Section):
-    vocab_size: Annotated[Count, Field(ge=257, le=UINT16_VOCAB_LIMIT)]
-    min_frequency: PositiveInt
-    special_tokens: list[Annotated[str, Field(min_length=1)]]
+    vocab_size: Annotated[Count, Field(ge=257, le=UINT16_VOCAB_LIMIT), doc(
+        "BPE vocabulary size, special tokens included (token ids are stored as uint16)",
+        rule=">= 256 + the number of special tokens")]
+    min_frequency: Annotated[PositiveInt, doc("a pair must occur this often to be merged")]
+    special_tokens: Annotated[list[Annotated[str, Field(min_length=1)]], doc(
+        "the special tokens, ids 0, 1, 2, ... in this order",
+        rule=f"includes {' and '.join(f'`{t}`' for t in REQUIRED_SPECIAL_TOKENS)}, no repeats")]
 
     @field_validator("special_tokens")
     @classmethod
@@ -107,23 +139,26 @@ class TokenizerParams(Section):
 
 
 class TokenizeParams(Section):
-    chunk_stories: PositiveInt
+    chunk_stories: Annotated[PositiveInt, doc("stories encoded per batch: bounds memory, whatever the corpus size")]
 
 
 class ModelParams(Section):
-    n_layer: PositiveInt
-    n_head: PositiveInt
-    d_model: PositiveInt
-    d_ff: PositiveInt
+    n_layer: Annotated[PositiveInt, doc("transformer blocks")]
+    n_head: Annotated[PositiveInt, doc("attention heads", rule="divides d_model")]
+    d_model: Annotated[PositiveInt, doc("embedding width")]
+    d_ff: Annotated[PositiveInt, doc("feed-forward width")]
     # Capped: each layer keeps a context x context causal mask (and RoPE tables), so a model file
     # claiming a huge context must not make us allocate gigabytes before its tensors are checked.
-    context_length: Annotated[Count, Field(ge=1, le=8192)]
-    dropout: Annotated[float, Field(ge=0, lt=1)]
+    context_length: Annotated[Count, Field(ge=1, le=8192), doc(
+        "tokens of context (capped: every layer keeps a context x context causal mask)")]
+    dropout: Dropout
     # Beyond the card, off by default:
-    position: Literal["learned", "rope"]
-    norm: Literal["layernorm", "rmsnorm"]
-    mlp: Literal["gelu", "swiglu", "relu2"]  # relu2: ReLU squared (modded-nanogpt), GELU's parameter count
-    attention: Literal["manual", "sdpa"]
+    position: Annotated[Literal["learned", "rope"], doc("learned position embeddings, or rotary embeddings (RoPE)")]
+    norm: Annotated[Literal["layernorm", "rmsnorm"], doc("the normalisation in each block")]
+    mlp: Annotated[Literal["gelu", "swiglu", "relu2"], doc(
+        "the feed-forward block (`relu2`: ReLU squared, as modded-nanogpt, with GELU's parameter count)")]
+    attention: Annotated[Literal["manual", "sdpa"], doc(
+        "hand-written attention with an explicit mask (the card), or PyTorch's fused kernel (same maths)")]
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -142,7 +177,7 @@ class GPTConfig(ModelParams):
     config by this subclass. The card's values live in params.yaml only; nothing here repeats them.
     """
 
-    vocab_size: Annotated[Count, Field(ge=1, le=UINT16_VOCAB_LIMIT)]
+    vocab_size: Annotated[Count, Field(ge=1, le=UINT16_VOCAB_LIMIT), doc("the tokenizer's vocabulary size")]
 
     @classmethod
     def from_params(cls, model: ModelParams, vocab_size: int) -> "GPTConfig":
@@ -155,13 +190,15 @@ class GPTConfig(ModelParams):
 class LearningRateSchedule(Section):
     """The learning rate over a run: one schema for train and finetune."""
 
-    lr: Annotated[float, Field(gt=0)]
-    # constant; cosine (down to min_lr over the run); wsd: warmup-stable-decay, constant until the
-    # last decay_fraction of the run, then linear down to min_lr.
-    schedule: Literal["constant", "cosine", "wsd"]
-    warmup_steps: NonNegativeInt
-    min_lr: Annotated[float, Field(ge=0)]
-    decay_fraction: Fraction  # wsd: the share of the run's steps spent decaying
+    lr: Annotated[float, Field(gt=0), doc(
+        "peak AdamW learning rate (write floats with a dot: YAML reads `1e-4` as text)")]
+    schedule: Annotated[Literal["constant", "cosine", "wsd"], doc(
+        "the learning rate after warmup: `constant`; `cosine`, down to min_lr over the run; `wsd` "
+        "(warmup-stable-decay), constant until the last decay_fraction of the run, then linear down to min_lr")]
+    warmup_steps: Annotated[NonNegativeInt, doc("linear warmup steps")]
+    min_lr: Annotated[float, Field(ge=0), doc("the floor of the cosine schedule, the end of the wsd decay",
+                                              rule="<= lr")]
+    decay_fraction: Annotated[Fraction, doc("`wsd` only: the share of the run's steps spent decaying to min_lr")]
 
     @model_validator(mode="after")
     def _floor_below_peak(self):
@@ -171,44 +208,66 @@ class LearningRateSchedule(Section):
 
 
 class TrainParams(LearningRateSchedule):
-    batch_size: PositiveInt
-    # Batch-size warmup (librarian/training/batches.py): over the first batch_warmup_tokens training tokens the
-    # batch grows linearly from batch_start to batch_size, in multiples of batch_start; 0 = off.
-    batch_start: PositiveInt
-    batch_warmup_tokens: NonNegativeInt
-    # adamw: AdamW on every parameter (the card). muon: torch.optim.Muon on the blocks' 2-D weight
-    # matrices at muon_lr, AdamW on the embeddings, norms and biases (modded-nanogpt's split).
-    optimizer: Literal["adamw", "muon"]
-    muon_lr: Annotated[float, Field(gt=0)]
-    muon_momentum: Annotated[float, Field(ge=0, lt=1)]
-    # How the weights start: gpt2 (the card: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer))
-    # or zero_proj (the same, with the projections into the residual stream at zero, as modded-nanogpt).
-    init: Literal["gpt2", "zero_proj"]
-    grad_accum: PositiveInt
-    amp: bool
-    max_epochs: PositiveInt
-    patience: PositiveInt
-    stride: PositiveInt
-    device: Literal["auto", "cpu", "cuda", "mps"]
-    weight_decay: Annotated[float, Field(ge=0)]
-    decay_matrices_only: bool
-    beta1: Annotated[float, Field(ge=0, lt=1)]
-    beta2: Annotated[float, Field(ge=0, lt=1)]
-    grad_clip: Annotated[float, Field(ge=0)]
-    compile: bool
-    fused_loss: bool
-    max_steps: NonNegativeInt
-    max_tokens: NonNegativeInt
-    checkpoint_every: NonNegativeInt
-    log_every: PositiveInt  # a train loss and lr point every this many optimizer steps
-    threads: NonNegativeInt
-    deterministic: bool
-    # Pretraining on conversations too (librarian/training/mixture.py): the share of each epoch's windows drawn
-    # from the train split's conversations (0 = stories only, the card), where those windows start,
-    # and which of their tokens are targets.
-    chat_share: Share
-    chat_windows: Literal["stream", "aligned"]
-    chat_mask: Literal["all", "replies"]
+    batch_size: BatchSize
+    # Batch-size warmup: librarian/training/batches.py.
+    batch_start: Annotated[PositiveInt, doc(
+        "batch-size warmup: the first steps' batch; the batch grows in multiples of it",
+        rule="divides batch_size when batch_warmup_tokens > 0")]
+    batch_warmup_tokens: Annotated[NonNegativeInt, doc(
+        "batch-size warmup: over the first this many training tokens the batch grows linearly from batch_start "
+        "to batch_size, in multiples of batch_start (8, 16, 24, 32); the lr schedule counts the extra steps. "
+        "0 = off; finetune never warms its batch up")]
+    optimizer: Annotated[Literal["adamw", "muon"], doc(
+        "`adamw`: AdamW on every parameter (the card). `muon`: torch.optim.Muon on the blocks' 2-D weight "
+        "matrices at muon_lr, AdamW at lr on the embeddings, norms and biases (modded-nanogpt's split; "
+        "README, Speedrun)")]
+    muon_lr: Annotated[float, Field(gt=0), doc(
+        "`muon`: the peak lr of the blocks' matrices, scaled by the schedule as lr is; "
+        "Muon's weight decay is weight_decay")]
+    muon_momentum: Annotated[float, Field(ge=0, lt=1), doc("`muon`: Muon's momentum")]
+    init: Annotated[Literal["gpt2", "zero_proj"], doc(
+        "how the weights start: `gpt2` (the card: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)) "
+        "or `zero_proj` (the same, with the projections into the residual stream at zero, as modded-nanogpt)")]
+    grad_accum: Annotated[PositiveInt, doc("micro-batches per optimizer step")]
+    amp: Annotated[bool, doc("mixed precision: bf16 on CPU, fp16 on CUDA")]
+    max_epochs: MaxEpochs
+    patience: Annotated[PositiveInt, doc("epochs without a better validation loss before early stopping")]
+    stride: Annotated[PositiveInt, doc("step between training windows of context_length + 1 tokens",
+                                       rule="<= model.context_length")]
+    device: Annotated[Literal["auto", "cpu", "cuda", "mps"], doc(
+        "where to train: `auto` picks cuda, then mps, then cpu")]
+    weight_decay: WeightDecay
+    decay_matrices_only: Annotated[bool, doc("true: no decay on biases and norm gains (embeddings stay decayed)")]
+    beta1: Annotated[float, Field(ge=0, lt=1), doc("AdamW's beta1")]
+    beta2: Annotated[float, Field(ge=0, lt=1), doc("AdamW's beta2")]
+    grad_clip: GradClip
+    compile: Annotated[bool, doc(
+        "torch.compile the model; its dropout masks then come from a counter-based hash fused into the kernels "
+        "(same Bernoulli masks, another random stream), and with fused_loss each chunk's softmax and gradient is "
+        "one compiled kernel. The fastest setup on a 2-core CPU, with fused_loss and `model.attention: manual`: "
+        "about 3x the card's eager path (README, Training throughput)")]
+    fused_loss: Annotated[bool, doc(
+        "the output head and the cross-entropy computed in row chunks: same maths, about 1.8x faster training "
+        "on a 2-core CPU")]
+    max_steps: MaxSteps
+    max_tokens: MaxTokens
+    checkpoint_every: Annotated[NonNegativeInt, doc(
+        "also checkpoint every this many steps within an epoch; 0 = once an epoch")]
+    log_every: Annotated[PositiveInt, doc(
+        "a point of the train loss, lr and tokens-seen curves every this many optimizer steps (and at the last)")]
+    threads: Annotated[NonNegativeInt, doc("torch CPU threads; 0 = torch's default")]
+    deterministic: Annotated[bool, doc(
+        "deterministic kernels (free on CPU); false lets CUDA autotune (cuDNN), faster but not repeatable")]
+    # Pretraining on conversations too: librarian/training/mixture.py.
+    chat_share: Annotated[Share, doc(
+        "share of each epoch's training windows drawn from the train conversations (data/chat_tokens), the rest "
+        "stories; 0 = stories only, the card's run byte for byte (README, Chat in pretraining)")]
+    chat_windows: Annotated[Literal["stream", "aligned"], doc(
+        "where conversation windows lie: every train.stride tokens of the conversations' stream, or one at each "
+        "conversation's start (the request always in view)")]
+    chat_mask: Annotated[Literal["all", "replies"], doc(
+        "which tokens of a conversation window are targets: all of them (requests too), or the assistant's only, "
+        "as in fine-tuning")]
 
     @model_validator(mode="after")
     def _batch_warmup_in_whole_steps(self):
@@ -219,24 +278,28 @@ class TrainParams(LearningRateSchedule):
 
 
 class EvalParams(Section):
-    stride: PositiveInt
-    batch_size: PositiveInt
-    threads: NonNegativeInt  # 0 = auto: the fastest count for the model's size
+    stride: Annotated[PositiveInt, doc(
+        "sliding-window step: every token is scored once, with at least context_length - stride tokens of context",
+        rule="<= model.context_length")]
+    batch_size: Annotated[PositiveInt, doc("windows per evaluation batch")]
+    threads: Annotated[NonNegativeInt, doc(
+        "CPU threads scoring batches side by side, one torch thread each; 0 = auto: one per core, at most 8")]
 
 
 class SamplingParams(Section):
     """How a stage samples text: one schema for the samples, chat_samples and evaluate_chat sections."""
 
-    max_new_tokens: PositiveInt
-    temperature: Annotated[float, Field(ge=0)]
-    top_k: NonNegativeInt
-    top_p: Annotated[float, Field(gt=0, le=1)]
-    seed: NonNegativeInt
-    threads: NonNegativeInt  # 0 = auto: the fastest count for the model's size
+    max_new_tokens: Annotated[PositiveInt, doc("new tokens per sample, at most")]
+    temperature: Annotated[float, Field(ge=0), doc("sampling temperature; 0 = greedy")]
+    top_k: Annotated[NonNegativeInt, doc("sample from the k likeliest tokens only; 0 = all")]
+    top_p: Annotated[float, Field(gt=0, le=1), doc("nucleus sampling: the likeliest tokens up to this total probability")]
+    seed: Annotated[NonNegativeInt, doc("seed of every sample")]
+    threads: SamplingThreads
 
 
 class SamplesParams(SamplingParams):
-    prompts: list[Annotated[str, Field(min_length=1)]]  # text to continue (samples) or requests (chat_samples)
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]], doc(
+        "the fixed prompts: text to continue (samples) or requests to answer (chat_samples)")]
 
 
 REQUEST_KINDS = ("words", "character", "opening", "plain")
@@ -245,10 +308,12 @@ REQUEST_KINDS = ("words", "character", "opening", "plain")
 class RequestMix(Section):
     """The share of conversations of each request kind; the shares sum to 1."""
 
-    words: Share
-    character: Share
-    opening: Share
-    plain: Share
+    words: Annotated[Share, doc("\"Write a story that uses the words {noun}, {verb} and {adjective}.\"",
+                                rule="the four shares sum to 1")]
+    character: Annotated[Share, doc("\"Tell me a story about {Name}.\" or \"... about a {kind} named {Name}.\"",
+                                    rule="the four shares sum to 1")]
+    opening: Annotated[Share, doc("\"Continue this story: {first sentence}\"", rule="the four shares sum to 1")]
+    plain: Annotated[Share, doc("\"Tell me a story.\"", rule="the four shares sum to 1")]
 
     @model_validator(mode="after")
     def _sums_to_one(self):
@@ -260,49 +325,72 @@ class RequestMix(Section):
 
 
 class ChatDataParams(Section):
-    mix: RequestMix
-    multi_turn: Share  # share of conversations with two turns: a first one from another story, then this story's
-    words_within: NonNegativeInt  # requested words come from the story's first N words; 0 = anywhere
-    variants: PositiveInt  # the train split is built this many times, each with other requests (train.chat_share)
+    mix: Annotated[RequestMix, doc("the share of conversations of each request kind")]
+    multi_turn: Annotated[Share, doc(
+        "share of conversations with two turns: a first one from another story of the split, then this story's")]
+    words_within: Annotated[NonNegativeInt, doc(
+        "requested words come from the story's first N words, the part a model writes while the request is still "
+        "in its context; 0 = anywhere")]
+    variants: Annotated[PositiveInt, doc(
+        "versions of the train split, each with other requests, kinds and pairs (`train.parquet`, "
+        "`train-v1.parquet`, ...); pretraining with train.chat_share uses variant epoch mod N")]
 
 
 class FinetuneParams(LearningRateSchedule):
     """The chat fine-tuning run: these keys replace train's; the rest of train (amp, device, threads,
     compile, fused_loss, betas, grad_accum, log_every, ...) applies as it is."""
 
-    max_epochs: PositiveInt
-    max_steps: NonNegativeInt
-    max_tokens: NonNegativeInt
-    batch_size: PositiveInt
-    patience: PositiveInt
-    dropout: Annotated[float, Field(ge=0, lt=1)]
-    weight_decay: Annotated[float, Field(ge=0)]
-    grad_clip: Annotated[float, Field(ge=0)]
-    stride: PositiveInt  # new reply tokens per continuation window (see librarian/data/chat_tokens.py)
-    reply_windows: Literal["first", "all"]  # first: only each reply's first window, the one with the request in view
-    # 0: the base model's context. Longer: fine-tune at a longer context than pretraining (RoPE only:
-    # a learned position table has no rows beyond the base model's context).
-    context_length: Annotated[Count, Field(ge=0, le=8192)]
+    max_epochs: MaxEpochs
+    max_steps: MaxSteps
+    max_tokens: MaxTokens
+    batch_size: BatchSize
+    patience: Annotated[PositiveInt, doc(
+        "epochs without a better chat val loss (on reply tokens) before early stopping")]
+    dropout: Annotated[Dropout, doc("the fine-tuning run's dropout rate (the rest of the architecture is the base "
+                                    "model's)")]
+    weight_decay: WeightDecay
+    grad_clip: GradClip
+    stride: Annotated[PositiveInt, doc(
+        "new reply tokens per window after a reply's first one (librarian/data/chat_tokens.py; README, Chat "
+        "fine-tuning)", rule="<= the base model's context, checked when fine-tuning starts")]
+    reply_windows: Annotated[Literal["first", "all"], doc(
+        "`first`: only each reply's first window, the one with the request in view; `all`: every reply window")]
+    context_length: Annotated[Count, Field(ge=0, le=8192), doc(
+        "0: the base model's context. Longer fine-tunes at a longer context than pretraining, which needs "
+        "`model.position: rope`: a learned position table has no rows beyond the base model's context",
+        rule="beyond model.context_length needs `model.position: rope`")]
 
 
 class EvaluateChatParams(SamplingParams):
-    requests: PositiveInt  # words and character requests each, from the test conversations (fewer if fewer exist)
+    requests: Annotated[PositiveInt, doc(
+        "words requests and character requests scored, each, from the test conversations (all of them if the "
+        "split has fewer)")]
 
 
 class Params(Section):
-    seed: NonNegativeInt
-    data: DataParams
-    clean: CleanParams
-    tokenizer: TokenizerParams
-    tokenize: TokenizeParams
-    model: ModelParams
-    train: TrainParams
-    eval: EvalParams
-    samples: SamplesParams
-    chat_data: ChatDataParams
-    finetune: FinetuneParams
-    evaluate_chat: EvaluateChatParams
-    chat_samples: SamplesParams
+    seed: Annotated[NonNegativeInt, doc("seeds every random choice (subsample, split, training)")]
+    data: Annotated[DataParams, doc("Where the stories come from, and the share held out for validation and test.")]
+    clean: Annotated[CleanParams, doc("Which stories the clean stage keeps (README, Cleaning rules).")]
+    tokenizer: Annotated[TokenizerParams, doc("The byte-level BPE tokenizer, trained on the clean train stories.")]
+    tokenize: Annotated[TokenizeParams, doc("Encoding the splits into token files.")]
+    model: Annotated[ModelParams, doc(
+        "The architecture. position, norm, mlp and attention go beyond the card; their defaults are the card's.")]
+    train: Annotated[TrainParams, doc(
+        "Pretraining from scratch. The schedule, optimizer, init, compile, fused_loss and chat_* keys go beyond "
+        "the card, off by default.")]
+    eval: Annotated[EvalParams, doc("The evaluate stage: the trained model's loss on the test split.")]
+    samples: Annotated[SamplesParams, doc("Generations for fixed prompts: the samples stage writes "
+                                          "metrics/samples.md.")]
+    chat_data: Annotated[ChatDataParams, doc(
+        "Conversations built from the clean stories: each reply is a real story (README, Chat fine-tuning).")]
+    finetune: Annotated[FinetuneParams, doc(
+        "Chat fine-tuning, from data/model. These keys replace train's; the other train keys (precision, device, "
+        "threads, compile, fused loss, betas, accumulation, checkpoints, curves) apply as they are, except "
+        "train.optimizer: fine-tuning is always AdamW.")]
+    evaluate_chat: Annotated[EvaluateChatParams, doc(
+        "metrics/chat.json: the base and the fine-tuned model answering the chat test split's requests.")]
+    chat_samples: Annotated[SamplesParams, doc(
+        "The chat model's replies to fixed requests: metrics/chat_samples.md.")]
 
     @model_validator(mode="after")
     def _positions_exist(self):
