@@ -25,9 +25,11 @@ from librarian.core.errors import LibrarianError
 # The parent when this module is first imported, as early as a stage can look: if it has changed
 # by the time the parent-death signal is armed, the parent died in between and no signal will come.
 _PARENT_AT_START = os.getppid()
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PR_SET_PDEATHSIG, _PR_GET_PDEATHSIG = 1, 2  # <linux/prctl.h>
 _SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
+_STOPS = (signal.SIGINT, signal.SIGTERM)
 _watching = False
+_launcher_watch: threading.Event | None = None  # set, the thread watching the `sh -c` wrapper ends
 
 
 class Terminated(BaseException):
@@ -43,11 +45,21 @@ def exit_code(signum: int) -> int:
     return 128 + signum
 
 
+def launched_with_dash_m() -> bool:
+    """Whether the package importing this is the parent of the module `python -m` is starting.
+
+    Python sets sys.argv[0] to "-m" only while it locates that module, which imports its parent
+    packages; a later import (a test's `from stages.x import main`) sees a script path or "-c".
+    """
+    return sys.argv[:1] == ["-m"]
+
+
 def while_starting() -> None:
     """From a stage script's first line until run_stage takes over: imports take a second or two.
 
     A Ctrl-C or SIGTERM then means one line and an exit (nothing has been written yet), not a
-    traceback from deep inside an import.
+    traceback from deep inside an import. For a process that is a stage only: it never gives
+    these handlers back.
     """
     signal.signal(signal.SIGINT, _stop_while_starting)
     signal.signal(signal.SIGTERM, _stop_while_starting)
@@ -116,12 +128,31 @@ def deferred_stops(enabled: bool = True):
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield request
         return
-    before = {signum: signal.signal(signum, request._note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    before = {signum: signal.signal(signum, request._note) for signum in _STOPS}
     try:
         yield request
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def restored_afterwards():
+    """Ctrl-C and SIGTERM handling and the parent-death signal as they were before the block.
+
+    For a stage called in-process (a test, a notebook): what it arms is for its own run and must
+    not stay behind in the caller, such as a pytest worker left ignoring Ctrl-C and SIGTERM.
+    """
+    handlers = {signum: signal.getsignal(signum) for signum in _STOPS}
+    watching, death_signal = _watching, _parent_death_signal()
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:  # None: installed outside Python, cannot be put back from here
+                signal.signal(signum, handler)
+        if not watching:
+            _stop_watching_launcher(death_signal)
 
 
 def ignore_stops() -> None:
@@ -149,18 +180,44 @@ def stop_with_launcher() -> None:
 
     Not armed under `nohup` straight from a shell: that asks to outlive the shell.
     """
-    global _watching
+    global _watching, _launcher_watch
     if _watching or not sys.platform.startswith("linux"):
         return
     _watching = True
     launcher, wrapper = _launcher()
     if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and _is_shell(_cmdline(launcher)):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != _PARENT_AT_START:  # the parent died before the signal was armed
         os.kill(os.getpid(), signal.SIGTERM)
     if wrapper is not None:
-        threading.Thread(target=_watch, args=(wrapper, launcher), name="launcher-watch", daemon=True).start()
+        _launcher_watch = threading.Event()
+        threading.Thread(target=_watch, args=(wrapper, launcher, _launcher_watch), name="launcher-watch",
+                         daemon=True).start()
+
+
+def _stop_watching_launcher(death_signal: int | None) -> None:
+    """Undo stop_with_launcher: the parent-death signal back to `death_signal`, the watch thread ended."""
+    global _watching, _launcher_watch
+    if _launcher_watch is not None:
+        _launcher_watch.set()
+        _launcher_watch = None
+    if death_signal is not None:
+        _set_parent_death_signal(death_signal)
+    _watching = False
+
+
+def _parent_death_signal() -> int | None:
+    """The signal this process gets when its parent dies (0: none); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    signum = ctypes.c_int(0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_PDEATHSIG, ctypes.byref(signum), 0, 0, 0)
+    return signum.value
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def _launcher() -> tuple[int, int | None]:
@@ -174,9 +231,10 @@ def _launcher() -> tuple[int, int | None]:
     return parent, None
 
 
-def _watch(wrapper: int, launcher: int) -> None:
+def _watch(wrapper: int, launcher: int, stop: threading.Event) -> None:
     while _parent_of(wrapper) == launcher:
-        time.sleep(0.5)
+        if stop.wait(0.5):  # no longer wanted: the in-process stage that armed it has returned
+            return
     os.kill(os.getpid(), signal.SIGTERM)
 
 

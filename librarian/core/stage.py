@@ -47,33 +47,50 @@ def run_stage(main):
 
     @functools.wraps(main)
     def wrapper(argv=None):
-        debug = os.environ.get("LIBRARIAN_DEBUG") == "1"
-        try:
-            process.while_running()  # inside: it raises Terminated if the launcher is already gone
-            main(argv)
-            # The outputs are in place: a Ctrl-C while the interpreter shuts down changes nothing.
-            process.ignore_stops()
-        except LibrarianError as exc:
-            if debug:
-                traceback.print_exc()
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            process.ignore_stops()
-            process.say(f"error: interrupted; {_STOPPED}")
-            sys.exit(process.exit_code(signal.SIGINT))
-        except process.Terminated:
-            process.say(f"error: terminated (SIGTERM); {_STOPPED}")
-            sys.exit(process.exit_code(signal.SIGTERM))
-        except Exception as exc:  # noqa: BLE001 - the last line of defence for a clear message
-            if debug:
-                traceback.print_exc()
-            reason = (str(exc).splitlines() or [""])[0]
-            if is_disk_full(exc):  # a full disk can strike in a library's own files, outside our writers
-                print(f"error: the disk is full or a file-size limit was reached ({reason}); free some disk space "
-                      "and rerun", file=sys.stderr)
-                sys.exit(1)
-            print(f"error: unexpected {type(exc).__name__}: {reason} (set LIBRARIAN_DEBUG=1 for the traceback)", file=sys.stderr)
-            sys.exit(1)
+        if _called_from_main_module():
+            _run(main, argv)
+            return
+        # In-process (a test): as the process of a stage would, but give the caller's handling back.
+        with process.restored_afterwards():
+            _run(main, argv)
 
     return wrapper
+
+
+def _called_from_main_module() -> bool:
+    """Whether run_stage's wrapper was called by the program's own script (`python -m stages.x`, the
+    `librarian` command): it then holds the process to its end, and the handling it sets stays."""
+    return sys._getframe(2).f_globals.get("__name__") == "__main__"
+
+
+def _run(main, argv) -> None:
+    debug = os.environ.get("LIBRARIAN_DEBUG") == "1"
+    try:
+        process.while_running()  # inside: it raises Terminated if the launcher is already gone
+        main(argv)
+        # The outputs are in place: a Ctrl-C while the interpreter shuts down changes nothing.
+        process.ignore_stops()
+    except LibrarianError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        process.ignore_stops()
+        process.say(f"error: interrupted; {_STOPPED}")
+        sys.exit(process.exit_code(signal.SIGINT))
+    except process.Terminated:
+        process.say(f"error: terminated (SIGTERM); {_STOPPED}")
+        sys.exit(process.exit_code(signal.SIGTERM))
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for a clear message
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_unexpected(exc)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _unexpected(exc: Exception) -> str:
+    reason = (str(exc).splitlines() or [""])[0]
+    if is_disk_full(exc):  # a full disk can strike in a library's own files, outside our writers
+        return f"the disk is full or a file-size limit was reached ({reason}); free some disk space and rerun"
+    return f"unexpected {type(exc).__name__}: {reason} (set LIBRARIAN_DEBUG=1 for the traceback)"
