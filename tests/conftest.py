@@ -82,3 +82,17 @@ def one_torch_thread():
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """build_tiny's (model, tokenizer) files, built once per session: read them, never change them."""
     return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+# End-to-end tests: they drive the real dvc, the demo, a server or a browser, and take most of the
+# suite's time. `pytest -m "not e2e"` is the quick local loop; CI runs everything.
+E2E_MODULES = {"tests/pipeline", "tests/cli/test_demo.py", "tests/cli/test_runs.py", "tests/cli/test_plots.py",
+               "tests/data/test_stream_kills.py", "tests/inference/test_serve.py", "tests/inference/test_serve_page.py"}
+E2E_FIXTURES = {"built_project"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = Path(str(item.fspath)).relative_to(ROOT).as_posix()
+        if any(where == m or where.startswith(m + "/") for m in E2E_MODULES) or E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)

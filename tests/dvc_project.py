@@ -8,12 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import ROOT, set_dotted
+from tests.helpers import ROOT, TINY_ARCH, set_dotted
 
 STAGES = ["download", "subsample", "clean", "train_tokenizer", "tokenize", "train", "evaluate", "samples",
           "chat_data", "chat_tokens", "finetune", "evaluate_chat", "chat_samples"]
 # A tiny model and a few steps: the pipeline's machinery at full, the compute at a minimum.
-TINY = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 32, "model.d_ff": 64, "model.context_length": 32,
+TINY = {**{f"model.{k}": v for k, v in TINY_ARCH.items()}, "model.context_length": 32,
         "train.stride": 32, "eval.stride": 16, "train.batch_size": 8, "train.max_steps": 12, "train.max_epochs": 2,
         "train.lr": 3.0e-3, "train.threads": 1,
         "finetune.stride": 32, "finetune.batch_size": 8, "finetune.max_steps": 12, "finetune.max_epochs": 2,

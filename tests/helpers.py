@@ -43,8 +43,12 @@ def write_tokens(directory: Path, split: str, ids, vocab_size: int, utf8_bytes: 
     return directory / f"{split}.bin"
 
 
-TINY_MODEL = {"model.n_layer": 1, "model.n_head": 2, "model.d_model": 16, "model.d_ff": 32,
-              "model.context_length": 16, "model.dropout": 0.1, "train.stride": 8, "eval.stride": 8,
+# The tests' one tiny architecture: 1 layer, 2 heads, width 16, feed-forward 32. tiny_config() is it as a
+# GPTConfig, TINY_MODEL as params overrides for training tests, dvc_project.TINY for pipeline projects.
+TINY_ARCH = {"n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
+
+TINY_MODEL = {**{f"model.{k}": v for k, v in TINY_ARCH.items()}, "model.context_length": 16, "model.dropout": 0.1,
+              "train.stride": 8, "eval.stride": 8,
               "eval.batch_size": 16, "train.batch_size": 8, "train.lr": 3e-3, "train.amp": False,
               "train.device": "cpu", "train.threads": 1}
 
@@ -60,8 +64,7 @@ def gpt_config(**overrides):
 
 def tiny_config(**overrides):
     """The tests' tiny GPT (1 layer, 2 heads, width 16, feed-forward 32, vocab 64, context 32), with overrides."""
-    return gpt_config(**{"vocab_size": VOCAB, "context_length": TINY_CONTEXT, "n_layer": 1, "n_head": 2, "d_model": 16,
-                         "d_ff": 32, **overrides})
+    return gpt_config(**{"vocab_size": VOCAB, "context_length": TINY_CONTEXT, **TINY_ARCH, **overrides})
 
 
 # --- shared builders: token stories for training tests, a tiny model and tokenizer pair ----------

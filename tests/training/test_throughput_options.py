@@ -17,7 +17,6 @@ import torch
 from librarian.model.gpt import dropout, dropout_keep
 from librarian.training.train import TrainPaths, build_trainer
 
-from tests.training.test_train import tiny, tokens_dir  # noqa: F401  (fixtures: the tiny model's params, its token files)
 
 
 KEYS = torch.tensor([0x1234567, -0x2345678], dtype=torch.int32)
@@ -124,19 +123,19 @@ def val_loss_after(params, tokens_dir, root, stream: int) -> float:
     return trainer.run().history[-1]["val_loss"]
 
 
-def test_compiled_training_without_dropout_follows_the_eager_run(tiny, tokens_dir, tmp_path):
+def test_compiled_training_without_dropout_follows_the_eager_run(tiny_params, tokens_dir, tmp_path):
     common = {"train.max_epochs": 2, "model.dropout": 0.0, "train.fused_loss": True}
-    eager = val_loss_after(tiny(**common), tokens_dir, tmp_path / "eager", 0)
-    compiled = val_loss_after(tiny(**common, **{"train.compile": True}), tokens_dir, tmp_path / "compiled", 0)
+    eager = val_loss_after(tiny_params(**common), tokens_dir, tmp_path / "eager", 0)
+    compiled = val_loss_after(tiny_params(**common, **{"train.compile": True}), tokens_dir, tmp_path / "compiled", 0)
     assert compiled == pytest.approx(eager, rel=1e-4)  # no randomness: the same run to float rounding
 
 
-def test_compiled_training_with_dropout_ends_within_the_eager_runs_noise(tiny, tokens_dir, tmp_path):
+def test_compiled_training_with_dropout_ends_within_the_eager_runs_noise(tiny_params, tokens_dir, tmp_path):
     """Same maths: the loss after two epochs of compiled training (hashed masks, compiled loss
     chunks) is where eager runs with other dropout masks end."""
     common = {"train.max_epochs": 2, "model.dropout": 0.2, "train.fused_loss": True}
-    eager = [val_loss_after(tiny(**common), tokens_dir, tmp_path / f"eager{s}", s) for s in range(4)]
-    compiled = [val_loss_after(tiny(**common, **{"train.compile": True}), tokens_dir, tmp_path / f"compiled{s}", s)
+    eager = [val_loss_after(tiny_params(**common), tokens_dir, tmp_path / f"eager{s}", s) for s in range(4)]
+    compiled = [val_loss_after(tiny_params(**common, **{"train.compile": True}), tokens_dir, tmp_path / f"compiled{s}", s)
                 for s in range(2)]
     mean = sum(eager) / len(eager)
     spread = max(eager) - min(eager)
@@ -149,10 +148,10 @@ def test_compiled_training_with_dropout_ends_within_the_eager_runs_noise(tiny, t
 # --- the optimizer ---------------------------------------------------------------------------------
 
 
-def test_adamw_foreach_gives_the_weights_of_the_per_parameter_loop(tiny, tokens_dir, tmp_path, monkeypatch):
+def test_adamw_foreach_gives_the_weights_of_the_per_parameter_loop(tiny_params, tokens_dir, tmp_path, monkeypatch):
     from librarian.training import optimizer
 
-    params = tiny(**{"train.max_epochs": 2})
+    params = tiny_params(**{"train.max_epochs": 2})
     trainer = build_trainer(params, tokens_dir, paths(tmp_path / "a"))
     assert trainer.optimizer.defaults["foreach"] is True
     trainer.run()

@@ -14,39 +14,19 @@ from librarian.training.optimizer import lr_at
 from librarian.core.process import Terminated
 from librarian.training.train import TrainPaths, Trainer, train
 from tests.helpers import TINY_MODEL, VOCAB, stories, write_tokens
-from tests.dvc_project import make_project
-
-@pytest.fixture
-def tokens_dir(tmp_path):
-    d = tmp_path / "tokens"
-    write_tokens(d, "train", stories(150, seed=1), VOCAB)
-    write_tokens(d, "val", stories(30, seed=2), VOCAB)
-    return d
-
-
-@pytest.fixture
-def tiny(make_params):
-    def make(**overrides):
-        return make_params(**{**TINY_MODEL, **overrides})
-
-    return make
-
+from tests.dvc_project import files_under, make_project
 
 def run(params, tokens_dir, root):
     return train(params, tokens_dir, TrainPaths(model=root / "model", curves=root / "live", speed=root / "speed",
                                                 state=root / "state"))
 
 
-def files_under(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def weights(path):
     return {k: v.clone() for k, v in load_weights(path).state_dict().items()}
 
 
-def test_loss_falls_on_a_tiny_overfit_set(tiny, tokens_dir, tmp_path):
-    progress = run(tiny(**{"train.max_epochs": 8, "model.dropout": 0.0}), tokens_dir, tmp_path)
+def test_loss_falls_on_a_tiny_overfit_set(tiny_params, tokens_dir, tmp_path):
+    progress = run(tiny_params(**{"train.max_epochs": 8, "model.dropout": 0.0}), tokens_dir, tmp_path)
     losses = [r["train_loss"] for r in progress.history]
     assert losses[-1] < 0.6 * losses[0]
     assert progress.history[-1]["val_loss"] < progress.history[0]["val_loss"]
@@ -60,8 +40,8 @@ def curve(folder: Path, name: str) -> dict[int, float]:
     return {int(step): float(value) for step, value in (line.split("\t") for line in lines[1:])}
 
 
-def test_outputs_and_curves(tiny, tokens_dir, tmp_path):
-    params = tiny(**{"train.max_epochs": 2, "train.log_every": 5, "train.schedule": "cosine", "train.warmup_steps": 4})
+def test_outputs_and_curves(tiny_params, tokens_dir, tmp_path):
+    params = tiny_params(**{"train.max_epochs": 2, "train.log_every": 5, "train.schedule": "cosine", "train.warmup_steps": 4})
     progress = run(params, tokens_dir, tmp_path)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["last.safetensors", "model.safetensors", "train.json"]
     summary = json.loads((tmp_path / "model" / "train.json").read_text())
@@ -103,8 +83,8 @@ def progress_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("cap", [{"train.max_steps": 7}, {"train.max_tokens": 8 * 16 * 5}, {"train.max_epochs": 2}])
-def test_progress_bar_runs_to_the_planned_steps(tiny, tokens_dir, tmp_path, capfd, cap):
-    progress = run(tiny(**cap), tokens_dir, tmp_path)
+def test_progress_bar_runs_to_the_planned_steps(tiny_params, tokens_dir, tmp_path, capfd, cap):
+    progress = run(tiny_params(**cap), tokens_dir, tmp_path)
     planned = progress.global_step
     expected = {"train.max_steps": 7, "train.max_tokens": 5}.get(next(iter(cap)), 2 * progress.history[0]["step"])
     assert planned == expected
@@ -113,12 +93,12 @@ def test_progress_bar_runs_to_the_planned_steps(tiny, tokens_dir, tmp_path, capf
     assert last.startswith(f"epoch {progress.epoch}/{progress.epoch}:"), last
 
 
-def test_progress_in_a_log_is_a_line_every_few_seconds(tiny, tokens_dir, tmp_path, capfd):
+def test_progress_in_a_log_is_a_line_every_few_seconds(tiny_params, tokens_dir, tmp_path, capfd):
     """stderr is not a terminal here (as under DVC or CI): plain lines, at most one per LOG_INTERVAL_S."""
     from librarian.core.progress import LOG_INTERVAL_S
 
     started = time.monotonic()
-    progress = run(tiny(**{"train.max_epochs": 6}), tokens_dir, tmp_path)
+    progress = run(tiny_params(**{"train.max_epochs": 6}), tokens_dir, tmp_path)
     elapsed = time.monotonic() - started
     err = capfd.readouterr().err
     assert progress.global_step > 150 and "\r" not in err, err[-2000:]
@@ -127,19 +107,19 @@ def test_progress_in_a_log_is_a_line_every_few_seconds(tiny, tokens_dir, tmp_pat
     assert f"{progress.global_step}/{progress.global_step}" in lines[-1]
 
 
-def test_same_seed_same_weights_other_seed_differs(tiny, tokens_dir, tmp_path):
-    run(tiny(**{"train.max_epochs": 1}), tokens_dir, tmp_path / "a")
-    run(tiny(**{"train.max_epochs": 1}), tokens_dir, tmp_path / "b")
-    run(tiny(**{"train.max_epochs": 1, "seed": 7}), tokens_dir, tmp_path / "c")
+def test_same_seed_same_weights_other_seed_differs(tiny_params, tokens_dir, tmp_path):
+    run(tiny_params(**{"train.max_epochs": 1}), tokens_dir, tmp_path / "a")
+    run(tiny_params(**{"train.max_epochs": 1}), tokens_dir, tmp_path / "b")
+    run(tiny_params(**{"train.max_epochs": 1, "seed": 7}), tokens_dir, tmp_path / "c")
     a, b, c = (weights(tmp_path / x / "model" / "last.safetensors") for x in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert (tmp_path / "a" / "model" / "last.safetensors").read_bytes() == (tmp_path / "b" / "model" / "last.safetensors").read_bytes()
 
 
-def test_early_stopping_when_val_loss_stops_improving(tiny, tokens_dir, tmp_path):
+def test_early_stopping_when_val_loss_stops_improving(tiny_params, tokens_dir, tmp_path):
     # A learning rate this high makes the validation loss stop improving quickly.
-    progress = run(tiny(**{"train.max_epochs": 40, "train.patience": 2, "train.lr": 0.3}), tokens_dir, tmp_path)
+    progress = run(tiny_params(**{"train.max_epochs": 40, "train.patience": 2, "train.lr": 0.3}), tokens_dir, tmp_path)
     assert progress.stop_reason == "early_stopping"
     assert progress.epoch == progress.best_epoch + 2 < 40
     vals = [r["val_loss"] for r in progress.history]
@@ -157,10 +137,10 @@ BATCH_WARMUP = {"train.batch_start": 2, "train.batch_warmup_tokens": 1500}
 @pytest.mark.parametrize("interrupt_after,checkpoint_every,options",
                          [(5, 0, {}), (23, 4, {}), (37, 0, {}), (23, 4, MUON_WSD), (13, 5, BATCH_WARMUP),
                           (60, 0, BATCH_WARMUP)])
-def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interrupt_after, checkpoint_every, options):
+def test_resume_is_bit_identical(tiny_params, tokens_dir, tmp_path, monkeypatch, interrupt_after, checkpoint_every, options):
     """Kill training after some optimizer step, rerun: the final weights equal an uninterrupted run's."""
     # log_every 3 with checkpoints every 4 steps: states saved mid-way between two curve points.
-    params = tiny(**{"train.max_epochs": 3, "train.checkpoint_every": checkpoint_every, "train.log_every": 3,
+    params = tiny_params(**{"train.max_epochs": 3, "train.checkpoint_every": checkpoint_every, "train.log_every": 3,
                      **options})
     run(params, tokens_dir, tmp_path / "straight")
 
@@ -181,7 +161,7 @@ def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interr
     for name in ["last.safetensors", "model.safetensors"]:
         assert (tmp_path / "straight" / "model" / name).read_bytes() == (tmp_path / "resumed" / "model" / name).read_bytes()
     # The curves, per-step points included, are replayed from the saved state: the same files.
-    straight, again = (files_under(tmp_path / x / "live") for x in ("straight", "resumed"))
+    straight, again = (files_under(tmp_path / x, "live") for x in ("straight", "resumed"))
     assert straight == again and len(straight) == 5  # four curves and metrics.json
     assert len(resumed.history) == 3 and resumed.global_step == resumed.history[-1]["step"]
     if not options:  # three epochs of the same steps (a batch warmup makes the first one longer)
@@ -192,9 +172,9 @@ def test_resume_is_bit_identical(tiny, tokens_dir, tmp_path, monkeypatch, interr
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_saves_the_state_at_that_step_and_the_rerun_resumes_bit_identical(
-        tiny, tokens_dir, tmp_path, monkeypatch, capsys, signum):
+        tiny_params, tokens_dir, tmp_path, monkeypatch, capsys, signum):
     """Ctrl-C or SIGTERM mid-epoch (no step checkpoints): the state of that very step is saved."""
-    params = tiny(**{"train.max_epochs": 2, "train.log_every": 3})
+    params = tiny_params(**{"train.max_epochs": 2, "train.log_every": 3})
     run(params, tokens_dir, tmp_path / "straight")
     real_step, calls = Trainer.train_step, {"n": 0}
 
@@ -215,15 +195,15 @@ def test_a_stop_signal_saves_the_state_at_that_step_and_the_rerun_resumes_bit_id
     assert "resuming at epoch 1, step 7/" in capsys.readouterr().out
     for name in ["last.safetensors", "model.safetensors"]:
         assert (tmp_path / "straight" / "model" / name).read_bytes() == (tmp_path / "resumed" / "model" / name).read_bytes()
-    assert files_under(tmp_path / "straight" / "live") == files_under(tmp_path / "resumed" / "live")
+    assert files_under(tmp_path / "straight", "live") == files_under(tmp_path / "resumed", "live")
     assert resumed.global_step == 2 * resumed.history[0]["step"]
 
 
-def test_kill_between_the_two_renames_of_a_checkpoint_loses_nothing(tiny, tokens_dir, tmp_path, monkeypatch, capsys):
+def test_kill_between_the_two_renames_of_a_checkpoint_loses_nothing(tiny_params, tokens_dir, tmp_path, monkeypatch, capsys):
     """Replacing the state folder takes two renames; a kill between them must not lose the state."""
     import librarian.core.io
 
-    params = tiny(**{"train.max_epochs": 2, "train.checkpoint_every": 4})
+    params = tiny_params(**{"train.max_epochs": 2, "train.checkpoint_every": 4})
     run(params, tokens_dir, tmp_path / "straight")
     real_replace, swaps = os.replace, {"n": 0}
 
@@ -247,8 +227,8 @@ def test_kill_between_the_two_renames_of_a_checkpoint_loses_nothing(tiny, tokens
     assert not (tmp_path / "resumed" / "state").exists() and not (tmp_path / "resumed" / ".state.old").exists()
 
 
-def test_state_from_other_params_is_not_resumed(tiny, tokens_dir, tmp_path, monkeypatch):
-    params = tiny(**{"train.max_epochs": 2})
+def test_state_from_other_params_is_not_resumed(tiny_params, tokens_dir, tmp_path, monkeypatch):
+    params = tiny_params(**{"train.max_epochs": 2})
     real_step, calls = Trainer.train_step, {"n": 0}
 
     def dying_step(self, order):
@@ -261,43 +241,43 @@ def test_state_from_other_params_is_not_resumed(tiny, tokens_dir, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(params, tokens_dir, tmp_path)
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    other = run(tiny(**{"train.max_epochs": 2, "train.lr": 1e-3}), tokens_dir, tmp_path)
+    other = run(tiny_params(**{"train.max_epochs": 2, "train.lr": 1e-3}), tokens_dir, tmp_path)
     assert other.history[0]["epoch"] == 1 and len(other.history) == 2
 
 
-def test_caps_on_steps_and_tokens(tiny, tokens_dir, tmp_path):
-    by_steps = run(tiny(**{"train.max_steps": 7}), tokens_dir, tmp_path / "s")
+def test_caps_on_steps_and_tokens(tiny_params, tokens_dir, tmp_path):
+    by_steps = run(tiny_params(**{"train.max_steps": 7}), tokens_dir, tmp_path / "s")
     assert by_steps.global_step == 7 and by_steps.stop_reason == "max_steps"
-    by_tokens = run(tiny(**{"train.max_tokens": 8 * 16 * 5}), tokens_dir, tmp_path / "t")
+    by_tokens = run(tiny_params(**{"train.max_tokens": 8 * 16 * 5}), tokens_dir, tmp_path / "t")
     assert by_tokens.tokens_seen == 8 * 16 * 5 and by_tokens.stop_reason == "max_tokens"
 
 
-def test_grad_accum_and_options_run(tiny, tokens_dir, tmp_path):
+def test_grad_accum_and_options_run(tiny_params, tokens_dir, tmp_path):
     options = {"train.grad_accum": 2, "train.batch_size": 4, "train.schedule": "cosine", "train.warmup_steps": 3,
                "train.min_lr": 1e-4, "train.grad_clip": 1.0, "train.decay_matrices_only": True, "train.amp": True,
                "model.attention": "sdpa", "model.position": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu",
                "train.max_epochs": 1, "train.fused_loss": True}
-    progress = run(tiny(**options), tokens_dir, tmp_path)
+    progress = run(tiny_params(**options), tokens_dir, tmp_path)
     assert math.isfinite(progress.best_val_loss)
 
 
-def test_batch_warmup_grows_the_batch_in_multiples_of_batch_start(tiny):
+def test_batch_warmup_grows_the_batch_in_multiples_of_batch_start(tiny_params):
     from librarian.training.batches import batch_at
 
-    tp = tiny(**{"train.batch_size": 32, "train.batch_start": 8, "train.batch_warmup_tokens": 3000}).train
+    tp = tiny_params(**{"train.batch_size": 32, "train.batch_start": 8, "train.batch_warmup_tokens": 3000}).train
     sizes = {tokens: batch_at(tokens, tp) for tokens in (0, 999, 1000, 1999, 2000, 2999, 3000, 10**9)}
     assert sizes == {0: 8, 999: 8, 1000: 16, 1999: 16, 2000: 24, 2999: 24, 3000: 32, 10**9: 32}
-    off = tiny(**{"train.batch_size": 32}).train
+    off = tiny_params(**{"train.batch_size": 32}).train
     assert off.batch_warmup_tokens == 0 and {batch_at(t, off) for t in (0, 5, 10**9)} == {32}
     with pytest.raises(LibrarianError, match=r"batch_start \(12\) must divide batch_size \(32\)"):
-        tiny(**{"train.batch_size": 32, "train.batch_start": 12, "train.batch_warmup_tokens": 3000})
+        tiny_params(**{"train.batch_size": 32, "train.batch_start": 12, "train.batch_warmup_tokens": 3000})
 
 
 @pytest.mark.parametrize("caps", [{}, {"train.max_steps": 7}, {"train.max_steps": 1000},
                                   {"train.max_tokens": 3333}, {"train.max_tokens": 10**6}, {"train.max_epochs": 1}])
 @pytest.mark.parametrize("options", [{}, BATCH_WARMUP, {**BATCH_WARMUP, "train.batch_warmup_tokens": 5000},
                                      {"train.grad_accum": 2, "train.batch_size": 4}])
-def test_the_planned_steps_and_tokens_are_the_ones_the_loop_takes(tiny, tokens_dir, tmp_path, caps, options):
+def test_the_planned_steps_and_tokens_are_the_ones_the_loop_takes(tiny_params, tokens_dir, tmp_path, caps, options):
     """plan_run (the lr schedule's and the progress bar's total) against a real run's steps, tokens
     and epochs, per step: the batch warmup's growing batches, epoch ends and caps included."""
     from librarian.training.batches import batch_at
@@ -308,7 +288,7 @@ def test_the_planned_steps_and_tokens_are_the_ones_the_loop_takes(tiny, tokens_d
     def hook(trainer):
         taken.append(trainer.progress.tokens_seen)
 
-    params = tiny(**{"train.max_epochs": 3, "train.patience": 10, "model.dropout": 0.0, **options, **caps})
+    params = tiny_params(**{"train.max_epochs": 3, "train.patience": 10, "model.dropout": 0.0, **options, **caps})
     paths = TrainPaths(model=tmp_path / "model", curves=tmp_path / "live", speed=tmp_path / "speed",
                        state=tmp_path / "state")
     trainer = build_trainer(params, tokens_dir, paths, after_step=hook)
@@ -322,15 +302,15 @@ def test_the_planned_steps_and_tokens_are_the_ones_the_loop_takes(tiny, tokens_d
         assert sorted(set(batches)) == [2, 4, 6, 8] and batches == sorted(batches)
 
 
-def test_schedule_shapes(tiny):
-    cosine = tiny(**{"train.schedule": "cosine", "train.warmup_steps": 10, "train.min_lr": 1e-4}).train
+def test_schedule_shapes(tiny_params):
+    cosine = tiny_params(**{"train.schedule": "cosine", "train.warmup_steps": 10, "train.min_lr": 1e-4}).train
     assert lr_at(0, cosine, 100) == pytest.approx(cosine.lr / 10)
     assert lr_at(9, cosine, 100) == pytest.approx(cosine.lr)
     assert lr_at(55, cosine, 100) == pytest.approx((cosine.lr + 1e-4) / 2)
     assert lr_at(100, cosine, 100) == pytest.approx(1e-4)
-    constant = tiny().train
+    constant = tiny_params().train
     assert {lr_at(s, constant, 100) for s in (0, 50, 99)} == {constant.lr}
-    wsd = tiny(**{"train.schedule": "wsd", "train.warmup_steps": 10, "train.min_lr": 1e-4,
+    wsd = tiny_params(**{"train.schedule": "wsd", "train.warmup_steps": 10, "train.min_lr": 1e-4,
                   "train.decay_fraction": 0.2}).train
     assert lr_at(0, wsd, 100) == pytest.approx(wsd.lr / 10)
     assert {lr_at(s, wsd, 100) for s in (9, 50, 79)} == {wsd.lr}  # stable until the last 20 steps
@@ -338,12 +318,12 @@ def test_schedule_shapes(tiny):
     assert lr_at(99, wsd, 100) == pytest.approx(1e-4)
 
 
-def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny):
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_params):
     """Muon updates exactly the blocks' 2-D weights, at muon_lr under the same schedule; AdamW the rest."""
     from librarian.model.gpt import GPT, GPTConfig
     from librarian.training.optimizer import build_optimizer, set_lr
 
-    params = tiny(**{"train.optimizer": "muon", "train.muon_lr": 0.05, "train.decay_matrices_only": True})
+    params = tiny_params(**{"train.optimizer": "muon", "train.muon_lr": 0.05, "train.decay_matrices_only": True})
     model = GPT(GPTConfig.from_params(params.model, vocab_size=VOCAB))
     optimizer = build_optimizer(model, params.train)
     adamw, muon = optimizer.optimizers
@@ -359,12 +339,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny):
     assert {g["lr"] for g in adamw.param_groups} == {params.train.lr / 2}
 
 
-def test_zero_proj_init_starts_the_residual_projections_at_zero(tiny, tokens_dir, tmp_path):
+def test_zero_proj_init_starts_the_residual_projections_at_zero(tiny_params, tokens_dir, tmp_path):
     """init zero_proj: the projections into the residual stream are zero, every other weight as gpt2's."""
     def weights(**options):
         paths = TrainPaths(model=tmp_path / "m", curves=tmp_path / "c", speed=tmp_path / "s", state=tmp_path / "t")
         from librarian.training.train import build_trainer
-        return dict(build_trainer(tiny(**options), tokens_dir, paths).model.named_parameters())
+        return dict(build_trainer(tiny_params(**options), tokens_dir, paths).model.named_parameters())
 
     gpt2, zero = weights(), weights(**{"train.init": "zero_proj"})
     projections = [n for n in gpt2 if n.endswith("proj.weight")]
@@ -376,7 +356,7 @@ def test_zero_proj_init_starts_the_residual_projections_at_zero(tiny, tokens_dir
             assert torch.equal(zero[name], gpt2[name])
 
 
-def test_an_after_step_hook_sees_every_step_and_can_end_the_run(tiny, tokens_dir, tmp_path):
+def test_an_after_step_hook_sees_every_step_and_can_end_the_run(tiny_params, tokens_dir, tmp_path):
     """benchmarks/speedrun.py stops at a target through this hook: it is called once per optimizer
     step, with the step counted, and a stop_reason it sets ends the run there (outputs published)."""
     from librarian.training.train import build_trainer
@@ -390,7 +370,7 @@ def test_an_after_step_hook_sees_every_step_and_can_end_the_run(tiny, tokens_dir
 
     paths = TrainPaths(model=tmp_path / "model", curves=tmp_path / "live", speed=tmp_path / "speed",
                        state=tmp_path / "state")
-    progress = build_trainer(tiny(**{"train.max_epochs": 5}), tokens_dir, paths, after_step=hook).run()
+    progress = build_trainer(tiny_params(**{"train.max_epochs": 5}), tokens_dir, paths, after_step=hook).run()
     assert [step for step, _ in seen] == list(range(1, 8))
     assert progress.stop_reason == "target" and progress.global_step == 7
     seconds = [s for _, s in seen]
@@ -398,35 +378,35 @@ def test_an_after_step_hook_sees_every_step_and_can_end_the_run(tiny, tokens_dir
     assert (tmp_path / "model" / "model.safetensors").exists()
 
 
-def test_speedrun_options_train_and_keep_the_parameter_count(tiny, tokens_dir, tmp_path):
+def test_speedrun_options_train_and_keep_the_parameter_count(tiny_params, tokens_dir, tmp_path):
     """Muon, WSD, zero_proj and the ReLU-squared MLP: training runs, learns, and n_params stays the card's formula's."""
     options = {**MUON_WSD, "model.mlp": "relu2", "train.max_epochs": 2}
-    progress = run(tiny(**options), tokens_dir, tmp_path / "new")
-    run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "card")
+    progress = run(tiny_params(**options), tokens_dir, tmp_path / "new")
+    run(tiny_params(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "card")
     assert progress.best_val_loss < math.log(VOCAB) - 0.5  # well below a uniform guess: it learns
     summary = [json.loads((tmp_path / x / "model" / "train.json").read_text()) for x in ("new", "card")]
     assert summary[0]["n_params"] == summary[1]["n_params"]
 
 
-def test_too_little_data_is_a_clear_error(tiny, tmp_path):
+def test_too_little_data_is_a_clear_error(tiny_params, tmp_path):
     d = tmp_path / "tokens"
     write_tokens(d, "train", stories(2, seed=1), VOCAB)
     write_tokens(d, "val", stories(2, seed=2), VOCAB)
     with pytest.raises(LibrarianError, match="fewer than one optimizer step"):
-        run(tiny(), d, tmp_path)
+        run(tiny_params(), d, tmp_path)
 
 
-def test_fused_loss_trains_like_the_plain_loss(tiny, tokens_dir, tmp_path):
+def test_fused_loss_trains_like_the_plain_loss(tiny_params, tokens_dir, tmp_path):
     """Same maths: in fp32 the two paths follow the same curve to float rounding."""
-    plain = run(tiny(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "plain")
-    fused = run(tiny(**{"train.max_epochs": 2, "train.fused_loss": True}), tokens_dir, tmp_path / "fused")
+    plain = run(tiny_params(**{"train.max_epochs": 2}), tokens_dir, tmp_path / "plain")
+    fused = run(tiny_params(**{"train.max_epochs": 2, "train.fused_loss": True}), tokens_dir, tmp_path / "fused")
     for a, b in zip(plain.history, fused.history):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
-def test_compiled_training_runs(tiny, tokens_dir, tmp_path):
-    progress = run(tiny(**{"train.max_steps": 3, "train.compile": True, "train.fused_loss": True}), tokens_dir, tmp_path)
+def test_compiled_training_runs(tiny_params, tokens_dir, tmp_path):
+    progress = run(tiny_params(**{"train.max_steps": 3, "train.compile": True, "train.fused_loss": True}), tokens_dir, tmp_path)
     assert progress.global_step == 3 and math.isfinite(progress.best_val_loss)
 
 
@@ -434,11 +414,11 @@ def open_files() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_training_inside_a_dvc_project_leaves_no_file_open(tiny, tokens_dir, tmp_path, monkeypatch):
+def test_training_inside_a_dvc_project_leaves_no_file_open(tiny_params, tokens_dir, tmp_path, monkeypatch):
     """dvclive opens the DVC repository around the working folder (git packs, DVC's SQLite state)
     and never closes it: a process that trained many times ran out of file descriptors."""
     monkeypatch.chdir(make_project(tmp_path / "project"))
-    params = tiny(**{"train.max_steps": 2})
+    params = tiny_params(**{"train.max_steps": 2})
     run(params, tokens_dir, tmp_path / "warm")  # imports and thread pools open what they keep for good
     before = open_files()
     for i in range(3):
@@ -508,13 +488,13 @@ def test_early_stopping_after_patience_epochs_without_a_better_val_loss():
     assert capped.stop_reason == "max_steps"  # a cap that ended the run stays its reason
 
 
-def test_a_trainer_starts_from_given_weights_and_resumes_only_its_own_state(tiny, tokens_dir, tmp_path):
+def test_a_trainer_starts_from_given_weights_and_resumes_only_its_own_state(tiny_params, tokens_dir, tmp_path):
     """Fine-tuning's entry: the same Trainer, built from objects, with initial weights."""
     from librarian.data.windows import load_train_val
     from librarian.training.runtime import setup_runtime
     from librarian.training.train import fingerprint
 
-    params = tiny(**{"train.max_steps": 1})
+    params = tiny_params(**{"train.max_steps": 1})
     run(params, tokens_dir, tmp_path / "first")
     trained = load_weights(tmp_path / "first" / "model" / "last.safetensors")
     train_split, val_split = load_train_val(tokens_dir)
