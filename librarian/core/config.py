@@ -23,6 +23,8 @@ DEFAULT_PARAMS = Path("params.yaml")
 UINT16_VOCAB_LIMIT = 2**16
 REQUIRED_SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")
 
+RULE = "rule"  # the json_schema_extra key of a cross-key rule, for the params reference
+
 
 def doc(meaning: str, rule: str | None = None) -> FieldInfo:
     """A key's meaning for the params reference (docs/reference/params.md, librarian/core/params_doc.py).
@@ -30,7 +32,7 @@ def doc(meaning: str, rule: str | None = None) -> FieldInfo:
     `rule` is the part of what the key accepts that its type cannot say: a cross-key rule such as
     "divides d_model", checked by a validator. Neither changes validation.
     """
-    return Field(description=meaning, json_schema_extra={"rule": rule} if rule else None)
+    return Field(description=meaning, json_schema_extra={RULE: rule} if rule else None)
 
 
 def _integral(value: object) -> object:
@@ -82,9 +84,9 @@ class DataParams(Section):
         "`.jsonl`, or a folder of shards", rule="`hf:owner/name[@rev]` or a local path")]
     fraction: Annotated[Fraction, doc("share of the train split kept by the `subsample` stage")]
     val_fraction: Annotated[Fraction, doc("share of the clean stories held out for validation",
-                                          rule="val_fraction + test_fraction < 1")]
+                                          rule="val_fraction + test_fraction below 1")]
     test_fraction: Annotated[Fraction, doc("share of the clean stories held out for the final test",
-                                           rule="val_fraction + test_fraction < 1")]
+                                           rule="val_fraction + test_fraction below 1")]
 
     @model_validator(mode="after")
     def _room_for_train(self):
@@ -98,7 +100,7 @@ class DataParams(Section):
 
 class CleanParams(Section):
     min_chars: Annotated[NonNegativeInt, doc("stories shorter than this, after normalising, are dropped",
-                                             rule="< max_chars")]
+                                             rule="below max_chars")]
     max_chars: Annotated[PositiveInt, doc("stories longer than this are dropped (TinyStories never come close)")]
     drop_fragments: Annotated[bool, doc(
         "drop stories cut off mid-sentence: no sentence-final punctuation, in any script (README, Cleaning rules)")]
@@ -113,7 +115,7 @@ class CleanParams(Section):
 class TokenizerParams(Section):
     vocab_size: Annotated[Count, Field(ge=257, le=UINT16_VOCAB_LIMIT), doc(
         "BPE vocabulary size, special tokens included (token ids are stored as uint16)",
-        rule=">= 256 + the number of special tokens")]
+        rule="at least 256 + the number of special tokens")]
     min_frequency: Annotated[PositiveInt, doc("a pair must occur this often to be merged")]
     special_tokens: Annotated[list[Annotated[str, Field(min_length=1)]], doc(
         "the special tokens, ids 0, 1, 2, ... in this order",
@@ -197,7 +199,7 @@ class LearningRateSchedule(Section):
         "(warmup-stable-decay), constant until the last decay_fraction of the run, then linear down to min_lr")]
     warmup_steps: Annotated[NonNegativeInt, doc("linear warmup steps")]
     min_lr: Annotated[float, Field(ge=0), doc("the floor of the cosine schedule, the end of the wsd decay",
-                                              rule="<= lr")]
+                                              rule="at most lr")]
     decay_fraction: Annotated[Fraction, doc("`wsd` only: the share of the run's steps spent decaying to min_lr")]
 
     @model_validator(mode="after")
@@ -233,7 +235,7 @@ class TrainParams(LearningRateSchedule):
     max_epochs: MaxEpochs
     patience: Annotated[PositiveInt, doc("epochs without a better validation loss before early stopping")]
     stride: Annotated[PositiveInt, doc("step between training windows of context_length + 1 tokens",
-                                       rule="<= model.context_length")]
+                                       rule="at most model.context_length")]
     device: Annotated[Literal["auto", "cpu", "cuda", "mps"], doc(
         "where to train: `auto` picks cuda, then mps, then cpu")]
     weight_decay: WeightDecay
@@ -280,7 +282,7 @@ class TrainParams(LearningRateSchedule):
 class EvalParams(Section):
     stride: Annotated[PositiveInt, doc(
         "sliding-window step: every token is scored once, with at least context_length - stride tokens of context",
-        rule="<= model.context_length")]
+        rule="at most model.context_length")]
     batch_size: Annotated[PositiveInt, doc("windows per evaluation batch")]
     threads: Annotated[NonNegativeInt, doc(
         "CPU threads scoring batches side by side, one torch thread each; 0 = auto: one per core, at most 8")]
@@ -303,17 +305,18 @@ class SamplesParams(SamplingParams):
 
 
 REQUEST_KINDS = ("words", "character", "opening", "plain")
+SUM_TO_ONE = f"the {len(REQUEST_KINDS)} shares sum to 1"
 
 
 class RequestMix(Section):
     """The share of conversations of each request kind; the shares sum to 1."""
 
-    words: Annotated[Share, doc("\"Write a story that uses the words {noun}, {verb} and {adjective}.\"",
-                                rule="the four shares sum to 1")]
-    character: Annotated[Share, doc("\"Tell me a story about {Name}.\" or \"... about a {kind} named {Name}.\"",
-                                    rule="the four shares sum to 1")]
-    opening: Annotated[Share, doc("\"Continue this story: {first sentence}\"", rule="the four shares sum to 1")]
-    plain: Annotated[Share, doc("\"Tell me a story.\"", rule="the four shares sum to 1")]
+    words: Annotated[Share, doc('share of "Write a story that uses the words {noun}, {verb} and {adjective}."',
+                                rule=SUM_TO_ONE)]
+    character: Annotated[Share, doc('share of "Tell me a story about {Name}." and "... about a {kind} named {Name}."',
+                                    rule=SUM_TO_ONE)]
+    opening: Annotated[Share, doc('share of "Continue this story: {first sentence}"', rule=SUM_TO_ONE)]
+    plain: Annotated[Share, doc('share of "Tell me a story."', rule=SUM_TO_ONE)]
 
     @model_validator(mode="after")
     def _sums_to_one(self):
@@ -352,7 +355,7 @@ class FinetuneParams(LearningRateSchedule):
     grad_clip: GradClip
     stride: Annotated[PositiveInt, doc(
         "new reply tokens per window after a reply's first one (librarian/data/chat_tokens.py; README, Chat "
-        "fine-tuning)", rule="<= the base model's context, checked when fine-tuning starts")]
+        "fine-tuning)", rule="at most the base model's context (checked when fine-tuning starts)")]
     reply_windows: Annotated[Literal["first", "all"], doc(
         "`first`: only each reply's first window, the one with the request in view; `all`: every reply window")]
     context_length: Annotated[Count, Field(ge=0, le=8192), doc(
