@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from librarian.cli.dvc_cli import IN_PROJECT, dvc_json
+from librarian.core import paths
 from librarian.core.errors import LibrarianError
 from librarian.core.io import atomic_dir
 
@@ -94,10 +95,9 @@ def check_replaceable(out: Path) -> None:
         return
     index = out / "index.html"
     ours = out.is_dir() and index.is_file() and GENERATOR in index.read_text(encoding="utf-8", errors="replace")
-    others = [p.name for p in out.iterdir() if p.name != "index.html" and p.suffix != ".png"] if out.is_dir() else []
-    if not ours or others:
-        raise LibrarianError(f"{out} exists and was not written by `librarian plots`; "
-                             "give another folder with --out, or move that one away")
+    others = [p.name for p in out.iterdir() if p.name != "index.html" and p.suffix != ".png"] if ours else [out.name]
+    paths.check_replaceable(out, others, "{out} exists and was not written by `librarian plots`; "
+                                         "give another folder with --out, or move that one away")
 
 
 def render(revisions: list[str] | None = None, out: str | Path = DEFAULT_OUT) -> list[Path]:

@@ -30,3 +30,17 @@ def check_output(path: str | Path, root: str | Path) -> None:
             raise LibrarianError(f"output path {path} goes through the symlink {step.relative_to(root)} -> "
                                  f"{os.readlink(step)}; replace it with a real folder (to keep data on another disk, "
                                  "move the DVC cache there with `dvc cache dir`)")
+
+
+def check_replaceable(out: Path, foreign: list[str], refusal: str, force: bool = True, earlier: str = "") -> None:
+    """Refuse to replace an output holding anything Librarian did not write, and an earlier one without --force.
+
+    `foreign`: what `out` holds that no earlier run of the command wrote. `refusal` and `earlier` are
+    the two messages, with {out} and {held} (the first foreign names) filled in; `earlier` only for a
+    command with --force, which replaces its own earlier output only when given.
+    """
+    if foreign:
+        held = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise LibrarianError(refusal.format(out=out, held=held))
+    if not force:
+        raise LibrarianError(earlier.format(out=out))

@@ -28,6 +28,7 @@ from librarian.core.errors import LibrarianError
 from librarian.inference.generate import Generator
 from librarian.core.io import atomic_dir, ordinary_mode, write_json
 from librarian.model.gpt import GPT, GPTConfig
+from librarian.core import paths
 from librarian.core.paths import WRITABLE
 from librarian.data.tokenizer import EOT, PAD, file_sha256
 
@@ -110,25 +111,19 @@ def pipeline_paths(root: Path) -> list[Path]:
                 declared += [e if isinstance(e, str) else next(iter(e)) for e in section.get(key) or []]
     except (OSError, yaml.YAMLError, AttributeError, TypeError, StopIteration):
         pass  # a dvc.yaml DVC itself cannot read: data/ and metrics/ are still protected
-    paths = [*(p for p in declared if isinstance(p, str)), *WRITABLE]  # the narrowest first, for the message
-    return [Path(os.path.normpath(root / p)) for p in paths]
+    narrowest_first = [*(p for p in declared if isinstance(p, str)), *WRITABLE]  # for the message
+    return [Path(os.path.normpath(root / p)) for p in narrowest_first]
 
 
 def check_replaceable(out_dir: Path, force: bool) -> None:
     """An existing folder may be filled when empty, or replaced with `force` when it is an earlier export."""
     entries = sorted(p.name for p in out_dir.iterdir())
-    if not entries:
-        return
-    foreign = foreign_entries(out_dir, entries)
-    if foreign:
-        raise LibrarianError(
-            f"{out_dir} is not empty and is not a Librarian export (it holds {', '.join(foreign[:3])}"
-            f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}); choose a new or empty folder "
-            "(--force replaces only an earlier export)"
-        )
-    if not force:
-        raise LibrarianError(f"{out_dir} holds an earlier Librarian export; add --force to replace it, "
-                             "or choose another folder")
+    if entries:
+        paths.check_replaceable(
+            out_dir, foreign_entries(out_dir, entries),
+            "{out} is not empty and is not a Librarian export (it holds {held}); choose a new or empty folder "
+            "(--force replaces only an earlier export)",
+            force, "{out} holds an earlier Librarian export; add --force to replace it, or choose another folder")
 
 
 def foreign_entries(out_dir: Path, entries: list[str]) -> list[str]:
