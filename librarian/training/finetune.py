@@ -21,16 +21,20 @@ from pathlib import Path
 
 from librarian.data.chat_tokens import chat_token_file, read_chat
 from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
-from librarian.core.config import ModelParams, Params, TrainParams, check_positions
+from librarian.core.config import FinetuneParams, ModelParams, Params, TrainParams, check_positions
 from librarian.core.errors import LibrarianError
 from librarian.model.gpt import GPT, GPTConfig
 from librarian.training.runtime import setup_runtime
 from librarian.data.tokenizer import file_sha256, load_tokenizer
 from librarian.training.train import Progress, Trainer, TrainPaths, run_locked
 
-# The finetune keys that replace train's; `stride` and `dropout` are the finetune run's own.
-TRAIN_KEYS = ("lr", "schedule", "warmup_steps", "min_lr", "decay_fraction", "max_epochs", "max_steps", "max_tokens", "batch_size",
-              "patience", "weight_decay", "grad_clip")
+# The finetune keys that replace train's: every key the two sections share, derived so that a key added
+# to both cannot be forgotten here, except `stride`: finetune's is new reply tokens per window after a
+# reply's first (librarian/data/chat_tokens.py), not train's step between windows. dropout,
+# reply_windows and context_length, which train lacks, are the finetune run's own too.
+OWN_MEANING = ("stride",)
+TRAIN_KEYS = tuple(key for key in FinetuneParams.model_fields
+                   if key in TrainParams.model_fields and key not in OWN_MEANING)
 
 
 def finetune_params(params: Params, base: GPTConfig) -> Params:

@@ -89,3 +89,30 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(LibrarianError, match="must be a mapping"):
         load_params(tmp_path / "list.yaml")
+
+
+def test_finetune_replaces_every_train_key_it_shares_but_stride(make_params):
+    """TRAIN_KEYS cannot drift from the schema: each key finetune shares with train reaches the fine-tuning
+    run with finetune's value; stride keeps train's (finetune's is read by the chat windows)."""
+    from librarian.core.config import FinetuneParams, TrainParams
+    from librarian.training.finetune import TRAIN_KEYS, finetune_params
+    from tests.helpers import gpt_config
+
+    shared = set(FinetuneParams.model_fields) & set(TrainParams.model_fields)
+    assert {"lr", "schedule", "batch_size", "patience", "grad_clip"} <= set(TRAIN_KEYS) == shared - {"stride"}
+    distinct = {"lr": 3.0e-3, "schedule": "wsd", "warmup_steps": 7, "min_lr": 1.0e-5, "decay_fraction": 0.3,
+                "max_epochs": 9, "max_steps": 11, "max_tokens": 13, "batch_size": 24, "patience": 4,
+                "weight_decay": 0.25, "grad_clip": 0.5, "stride": 96}
+    assert set(distinct) == shared  # a key added to both sections needs a distinct value here
+    params = make_params(**{f"finetune.{key}": value for key, value in distinct.items()})
+    run = finetune_params(params, gpt_config()).train
+    for key in TRAIN_KEYS:
+        assert getattr(run, key) == distinct[key] != getattr(params.train, key), key
+    assert run.stride == params.train.stride
+
+
+def test_a_model_files_config_is_described_like_the_model_section():
+    """GPTConfig adds vocab_size to ModelParams: it carries a description too (test_params_doc checks Params)."""
+    from librarian.core.config import GPTConfig
+
+    assert all(field.description for field in GPTConfig.model_fields.values())
