@@ -50,12 +50,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_scale import _die_with_us, tree_rss  # noqa: E402  (sibling scripts: their folder is on sys.path)
-from generate_throughput import cpu_name  # noqa: E402
+from common import busy_cpu_s, cpu_name, run_watched, stop_running  # noqa: E402  (benchmarks/common.py)
 from librarian.data.clean import clean_workers  # noqa: E402
 from librarian.data.parallel import available_cores  # noqa: E402
 
-POLL_S = 0.05
 # A stage's main with module attributes set first: {"module": {"name": value}}; a value for
 # available_cores becomes a function returning it.
 DRIVER = """
@@ -78,24 +76,6 @@ train, out, params = sys.argv[1], sys.argv[2], load_params(sys.argv[3])
 stories = read_stories(train)
 save_tokenizer(train_tokenizer(stories, params.tokenizer, n_stories=len(stories)), out)
 """
-
-_running: subprocess.Popen | None = None
-
-
-def stop_running() -> None:
-    if _running is not None and _running.poll() is None:
-        os.killpg(_running.pid, signal.SIGTERM)
-        try:
-            _running.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(_running.pid, signal.SIGKILL)
-            _running.wait()
-
-
-def busy_cpu_s() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
 
 def busy_processes(interval: float = 1.0) -> str:
     """What else is running, as top would show it: the processes above 5 % of a core over `interval`."""
@@ -130,20 +110,11 @@ def children_cpu_s() -> float:
 
 def run(args: list[str], cwd: Path, env: dict | None = None) -> dict:
     """Run a command to its end: wall and CPU seconds, others' CPU seconds meanwhile, peak RSS (MiB)."""
-    global _running
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     env = {k: v for k, v in env.items() if v is not None}
-    cpu0, ours0, busy0, peak = children_cpu_s(), our_cpu_s(), busy_cpu_s(), 0
-    started = time.perf_counter()
-    _running = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_us)
-    root = psutil.Process(_running.pid)
-    while _running.poll() is None:
-        peak = max(peak, tree_rss(root, skip_root=False))
-        time.sleep(POLL_S)
-    wall = time.perf_counter() - started
-    output = _running.stdout.read()
-    code, _running = _running.returncode, None
+    cpu0, ours0, busy0 = children_cpu_s(), our_cpu_s(), busy_cpu_s()
+    proc, wall, peak = run_watched(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, code = proc.stdout.read(), proc.returncode
     if code != 0:
         raise SystemExit(f"{' '.join(args[:4])} ... failed (exit {code}):\n{output[-2000:]}")
     others = busy_cpu_s() - busy0 - (our_cpu_s() - ours0)

@@ -46,7 +46,6 @@ Ctrl-C (or SIGTERM) stops the running stage; no process outlives the script.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
 import json
 import os
@@ -68,7 +67,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from generate_throughput import cpu_name  # noqa: E402  (a sibling script: its folder is on sys.path when run)
+from common import cpu_name, run_watched, stop_running  # noqa: E402  (benchmarks/common.py)
 from librarian.data.clean import clean_stories, rejection  # noqa: E402
 from librarian.core.config import load_params  # noqa: E402
 from librarian.data.sources import read_local  # noqa: E402
@@ -90,7 +89,6 @@ GOAL_SLOPE = 1.2            # at most this much slower than linear, size to size
 GOAL_RSS_MIB = 2048         # 2 GiB, every stage but train_tokenizer
 GOAL_PIPELINE_S = 30 * 60   # the six stages at the largest size
 RSS_EXEMPT = {"train_tokenizer"}
-POLL_S = 0.05
 TIME = "/usr/bin/time"
 MARKER = ".data_scale"      # a work folder this script made (and may delete)
 
@@ -179,65 +177,18 @@ def write_corpus(folder: Path, recombiner: Recombiner, size: int, shards: int, s
 
 # --- running a stage ----------------------------------------------------------------------------
 
-_running: subprocess.Popen | None = None
-
-
-def _die_with_us() -> None:
-    """In the child before exec: SIGTERM when this script dies, however it dies (even kill -9)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def stop_running(timeout: float = 15.0) -> None:
-    """Stop the running stage's process group: SIGTERM (it unwinds, deleting its temporary files), then SIGKILL."""
-    proc = _running
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def tree_rss(root: psutil.Process, skip_root: bool) -> int:
-    procs = [] if skip_root else [root]
-    try:
-        procs += root.children(recursive=True)
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def run_stage(name: str, folder: Path, log: Path) -> dict:
     """Run stages.<name> in `folder`; wall and CPU seconds, peak RSS (MiB), exit code."""
-    global _running
     args = [sys.executable, "-m", f"stages.{name}", *STAGES[name][0], "--params", "params.yaml"]
     timed = Path(TIME).exists()
     time_out = folder / f".time-{name}"
     if timed:
         args = [TIME, "-f", "%M %U %S", "-o", str(time_out), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    peak = 0
     with log.open("w") as out:
-        started = time.perf_counter()
-        # A session of its own: a Ctrl-C in the terminal reaches only us, and we stop the group.
-        _running = subprocess.Popen(args, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_us)
-        root = psutil.Process(_running.pid)
-        while _running.poll() is None:
-            peak = max(peak, tree_rss(root, skip_root=timed))
-            time.sleep(POLL_S)
-        wall = time.perf_counter() - started
-    rc, _running = _running.returncode, None
+        # /usr/bin/time's own memory is not the stage's: it reports the stage's peak itself.
+        proc, wall, peak = run_watched(args, skip_root=timed, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT)
+    rc = proc.returncode
     result = {"wall_s": wall, "exit_code": rc, "polled_peak_rss_mib": peak / 2**20, "kernel_peak_rss_mib": None,
               "cpu_s": None}
     if timed and time_out.exists():

@@ -11,11 +11,12 @@ random weights: speed does not depend on what they say.
 
 Training: librarian.training.train.Trainer with params.yaml as it is (the card's config: batch 32 x 128
 tokens, bf16 autocast, AdamW, train.threads 0 = torch's default of one thread per core), timed over
-its real train_step; also on the scoring's thread count. Scoring: librarian.evaluation.evaluate.score_tokens
+its real Trainer.step (train_step and the loop's accounting: the tokens credited are those of the batch
+taken); also on the scoring's thread count. Scoring: librarian.evaluation.evaluate.score_tokens
 on the test split at params.yaml's eval settings (stride 64, batch 64) on eval.threads (0 = auto,
 librarian/core/threads.py: whole batches in parallel, one per core); also shown with the trunk in
 float32, on the other thread count, and with a busy-loop process on one core. Figures are medians
-over --repeats interleaved rounds; a round that other processes disturbed is rerun (see generate_throughput.py),
+over --repeats interleaved rounds; a round that other processes disturbed is rerun (see common.py),
 and the CPU they took is reported: the machine may be shared.
 
 Goal: scoring >= 2x training throughput.
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from generate_throughput import at, busy_core, card_config, cpu_name, medians  # noqa: E402
+from common import at, busy_core, card_config, cpu_name, cycled_step, medians  # noqa: E402
 
 from librarian.core.config import load_params  # noqa: E402
 from librarian.data.windows import epoch_order, load_tokens  # noqa: E402
@@ -73,13 +74,9 @@ def make_tokens(corpus: Path, n_stories: int, params, work: Path) -> Path:
 def training_rate(trainer: Trainer) -> float:
     """Tokens/s of one real optimizer step (forward, backward, AdamW) of the card's config."""
     order = epoch_order(len(trainer.train_windows), 0, 0)
-    p = trainer.progress
-    p.windows_in_epoch += trainer.step_windows()  # the next batch of the epoch, or its first one again
-    if not trainer.epoch_has_room():
-        p.windows_in_epoch = 0
     start = time.perf_counter()
-    trainer.train_step(order)
-    return trainer.tokens_per_step / (time.perf_counter() - start)
+    _, tokens = cycled_step(trainer, order)  # the batch the step took: less than the full one in a batch warmup
+    return tokens / (time.perf_counter() - start)
 
 
 def scoring_rate(model: GPT, tokens: np.ndarray, eval_params, threads: int, bf16: bool = True) -> float:

@@ -23,64 +23,23 @@ Goals: cached >= 3x uncached at 128 new tokens; busy >= 0.7x idle at the default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import at, busy_core, card_config, cpu_name, medians  # noqa: E402  (benchmarks/common.py)
 from librarian.inference.generate import GenerationOptions, Generator, generate_ids  # noqa: E402
-from librarian.model.gpt import GPT, GPTConfig  # noqa: E402
+from librarian.model.gpt import GPT  # noqa: E402
 from librarian.core.threads import auto_threads, available_cores, using_threads  # noqa: E402
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside."
 CHAT_PROMPT = "User: Hi! Can you tell me a story about a brave little cat?\nAssistant:"
-BUSY_LOOP = "while True: pass"
-
-
-
-def card_config(vocab_size: int = 8000, **overrides) -> GPTConfig:
-    """The model of params.yaml (the card's) at `vocab_size`, with `overrides`."""
-    from librarian.core.config import load_params
-
-    model = load_params(ROOT / "params.yaml").model
-    return GPTConfig(**{**model.model_dump(), "vocab_size": vocab_size, **overrides})
-
-def cpu_name() -> str:
-    """The CPU's model name as lscpu shows it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
-@contextlib.contextmanager
-def busy_core(core: int | None = None):
-    """A child process spinning on one core (the last one this process may use) for the block's duration."""
-    cores = sorted(os.sched_getaffinity(0))
-    core = cores[-1] if core is None else core
-    child = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-    try:
-        os.sched_setaffinity(child.pid, {core})
-        time.sleep(0.2)  # let it settle on its core
-        yield core
-    finally:
-        child.terminate()
-        child.wait()
 
 
 def tokens_per_s(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool = True) -> float:
@@ -89,52 +48,6 @@ def tokens_per_s(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool
     made = sum(1 for _ in generate_ids(model, prompt, greedy))
     assert made == new_tokens
     return new_tokens / (time.perf_counter() - start)
-
-
-def others_cores(run) -> tuple[float, float]:
-    """run()'s result, and the CPU other processes used meanwhile, in cores (ours and our children's excluded)."""
-    me = psutil.Process()
-
-    def own() -> float:
-        times = [me.cpu_times()] + [child.cpu_times() for child in me.children(recursive=True)]
-        return sum(t.user + t.system for t in times)
-
-    def busy() -> float:
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
-
-    start, busy_before, own_before = time.perf_counter(), busy(), own()
-    value = run()
-    wall = time.perf_counter() - start
-    return value, max(0.0, (busy() - busy_before) - (own() - own_before)) / wall
-
-
-# A round during which other processes used more CPU than this (in cores) is run again, up to
-# RETRIES times: the machine is shared, and a figure should say what this code does, not them.
-QUIET = 0.25
-RETRIES = 4
-
-
-def medians(runs: dict, repeats: int, report: dict | None = None) -> dict:
-    """Each named run's median over `repeats` interleaved rounds (one warm-up round first).
-
-    With `report`, also records each run's median CPU use by other processes (cores) under "others_cores".
-    """
-    for run in runs.values():
-        run()
-    values, others = {name: [] for name in runs}, {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            for _ in range(RETRIES):
-                value, load = others_cores(run)
-                if load <= QUIET:
-                    break
-            values[name].append(value)
-            others[name].append(load)
-    if report is not None:
-        load = {str(name): round(statistics.median(o), 2) for name, o in others.items()}
-        report.setdefault("others_cores", {}).update(load)
-    return {name: statistics.median(v) for name, v in values.items()}
 
 
 def time_to_first_token(generator: Generator) -> float:
@@ -185,12 +98,6 @@ def busy_report(model: GPT, prompt: list[int], default_threads: int, repeats: in
                                      "busy_tokens_per_s": round(busy[name], 1),
                                      "busy_over_idle": round(busy[name] / idle[name], 2)}
     return report
-
-
-def at(n: int, run):
-    """run() on n torch threads."""
-    with using_threads(n):
-        return run()
 
 
 def sweep_widths(widths: list[int], vocab_size: int, prompt: list[int], repeats: int) -> list[dict]:

@@ -15,6 +15,7 @@ minutes (about 400 s on 2 AMD EPYC cores: the hub client sets no timeout of its 
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hub_standins import refusing_endpoint, silent_endpoint  # a sibling: its folder is on sys.path
+from common import cpu_name  # benchmarks/common.py: its folder is on sys.path when run
+from hub_standins import refusing_endpoint, silent_endpoint  # the stand-in hubs, also the tests'
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "import datasets; datasets.load_dataset('roneneldan/TinyStories')"
@@ -37,8 +39,8 @@ def timed(argv: list[str], endpoint: str, home: Path) -> tuple[float, int, int]:
 
 
 def main() -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"CPU: {cpu}")
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    print(f"CPU: {cpu_name()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "params.yaml").write_text((ROOT / "params.yaml").read_text())

@@ -67,7 +67,7 @@ SERVE_LINE = re.compile(r"serve: (http://\S+?)/ \(chat page\), API at \S+ for th
 GOAL_RATIO, GOAL_LEVEL, GOAL_TTFT_S = 6.0, 16, 1.0
 HEADERS: dict[str, str] = {}  # Authorization, for a --url server that wants a key (--api-key)
 
-from generate_throughput import cpu_name  # noqa: E402 - a sibling script: its folder is on sys.path when run
+from common import cpu_name  # noqa: E402  (benchmarks/common.py)
 
 
 def percentile(values: list[float], q: float) -> float:

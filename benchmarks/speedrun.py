@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from generate_throughput import cpu_name  # a sibling script: its folder is on sys.path when run
+from common import cpu_name  # benchmarks/common.py: its folder is on sys.path when run
 from librarian.core.config import Params, load_params, parse_params
 from librarian.data.windows import load_tokens
 from librarian.core.errors import LibrarianError

@@ -7,9 +7,12 @@
     python benchmarks/train_throughput.py --profile --only recipe_compile_fused_loss  # + where a step's time goes
     python benchmarks/train_throughput.py --list                # the setups and the params they set
 
-What it times: librarian.training.train.Trainer.train_step itself -- the learning rate from lr_at, the
+What it times: librarian.training.train.Trainer.step, the training loop's own step -- train_step
+(the learning rate from lr_at, the
 forward and loss through TrainingLoss (with train.fused_loss / train.compile as the params say),
-autocast as train.amp, backward, the AdamW that build_optimizer makes, zero_grad -- on a Trainer
+autocast as train.amp, backward, the AdamW that build_optimizer makes, zero_grad) and the loop's
+accounting, so that tokens/s credits the tokens of the batch each step took (fewer than the full
+batch during a batch warmup, train.batch_warmup_tokens) -- on a Trainer
 built from the project's params.yaml (--params), so the benchmark runs exactly what `train` runs
 and cannot drift from it. Each setup is params.yaml with a few keys overridden (validated by
 librarian.core.config like any params file); the batch, lr, decay and model are params.yaml's. The
@@ -81,7 +84,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from generate_throughput import cpu_name  # a sibling script: its folder is on sys.path when run
+from common import cpu_name, cycled_step  # benchmarks/common.py: its folder is on sys.path when run
 from librarian.core.config import Params, load_params, parse_params
 from librarian.data.windows import epoch_order
 from librarian.core.errors import LibrarianError
@@ -184,7 +187,7 @@ def write_random_tokens(folder: Path, params: Params) -> Path:
 
 
 class Run:
-    """A real Trainer for one setup, stepped as Trainer._epochs steps it."""
+    """A real Trainer for one setup, stepped by the training loop's own Trainer.step."""
 
     processes = 1
 
@@ -201,30 +204,24 @@ class Run:
         self.tokens_per_step = self.trainer.tokens_per_step
         self.config, self.n_params = self.trainer.model.config, self.trainer.model.n_params()
         self.warmup_s = 0.0
+        self.step_s: list[float] = []  # a step's mean time in each timed round
 
     def warm_up(self, steps: int) -> float:
-        return [self.step() for _ in range(steps)][-1]
+        return [self.step() for _ in range(steps)][-1][0]
 
-    def step(self) -> float:
-        """One optimizer step through Trainer.train_step, then the loop's bookkeeping."""
-        trainer, p = self.trainer, self.trainer.progress
-        windows = trainer.step_windows()
-        loss = trainer.train_step(self.order)
-        p.windows_in_epoch += windows
-        if not trainer.epoch_has_room():  # the next epoch: the same window order again
-            p.windows_in_epoch = 0
-        p.global_step += 1
-        return loss
+    def step(self) -> tuple[float, int]:
+        """One optimizer step as the training loop takes it: its loss and the tokens of its batch."""
+        return cycled_step(self.trainer, self.order)
 
-    def time_steps(self, steps: int) -> float:
-        """Seconds for `steps` training steps, after one untimed step: the thread pool may have just
-        been resized and the caches hold the previous setup's data."""
+    def time_steps(self, steps: int) -> tuple[float, int]:
+        """Seconds for `steps` training steps and the tokens they took, after one untimed step: the
+        thread pool may have just been resized and the caches hold the previous setup's data."""
         torch.set_num_threads(self.threads)
         self.step()
-        start = time.perf_counter()
+        tokens, start = 0, time.perf_counter()
         for _ in range(steps):
-            self.step()
-        return time.perf_counter() - start
+            tokens += self.step()[1]
+        return time.perf_counter() - start, tokens
 
     def close(self) -> None:
         pass
@@ -277,6 +274,7 @@ class Workers:
         self.tokens_per_step, self.n_params, self.loss = info["tokens_per_step"], info["n_params"], info["loss"]
         self.config = build_config(info["config"])
         self.warmup_s = 0.0
+        self.step_s: list[float] = []
 
     @staticmethod
     def _read(proc) -> str:
@@ -293,10 +291,12 @@ class Workers:
     def warm_up(self, steps: int) -> float:
         return self.loss  # the workers warmed up as they started
 
-    def time_steps(self, steps: int) -> float:
-        """Seconds for `steps` DDP steps: the slowest rank's time (they meet at every all-reduce)."""
+    def time_steps(self, steps: int) -> tuple[float, int]:
+        """Seconds for `steps` DDP steps, the slowest rank's time (they meet at every all-reduce), and
+        the tokens they took (every rank counts the whole batch, all ranks' shares)."""
         self._tell(f"steps {steps}")
-        return max(float(self._read(proc)) for proc in self.procs)
+        replies = [self._read(proc).split() for proc in self.procs]
+        return max(float(seconds) for seconds, _ in replies), int(replies[0][1])
 
     def close(self) -> None:
         self._tell("quit")
@@ -328,7 +328,8 @@ def worker(args) -> None:
         command = sys.stdin.readline().split()
         if not command or command[0] == "quit":
             break
-        protocol.write(f"{run.time_steps(int(command[1]))}\n")
+        seconds, tokens = run.time_steps(int(command[1]))
+        protocol.write(f"{seconds} {tokens}\n")
         protocol.flush()
 
 
@@ -468,7 +469,9 @@ def timed_rounds(runs: dict, args) -> tuple[dict[str, list[float]], dict[str, fl
         peaks["fp32"] = max(peaks["fp32"], matmul_gflops(torch.float32, args.matmul_size))
         peaks["bf16"] = max(peaks["bf16"], matmul_gflops(torch.bfloat16, args.matmul_size))
         for name, run in runs.items():
-            rates[name].append(args.steps * run.tokens_per_step / run.time_steps(args.steps))
+            seconds, tokens = run.time_steps(args.steps)
+            rates[name].append(tokens / seconds)
+            run.step_s.append(seconds / args.steps)
         line = ", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items())
         print(f"round {round_no + 1}/{args.rounds} tokens/s: {line}", file=sys.stderr, flush=True)
     return rates, peaks
@@ -484,7 +487,7 @@ def setup_entry(run: Run | Workers, rates: list[float], base_rates: list[float],
         "mfu": round(flops_per_token(run) * tokens_per_s / (peaks[precision] * 1e9), 4),
         "mfu_of_peak": precision,
         "best_round_tokens_per_s": round(max(rates)),
-        "step_ms": round(run.tokens_per_step / tokens_per_s * 1000, 1),
+        "step_ms": round(statistics.median(run.step_s) * 1000, 1),
         "warmup_s": round(run.warmup_s, 1),
         "processes": run.processes,
         "threads": run.threads,
@@ -525,10 +528,12 @@ def report(runs: dict, failures: dict, rates: dict, peaks: dict, loads: dict, pr
                   "batch_size": tp.batch_size, "grad_accum": tp.grad_accum,
                   "tokens_per_step": baseline.tokens_per_step,
                   "train_flops_per_token": flops_per_token(baseline)},
-        "method": {"timed": "librarian.training.train.Trainer.train_step", "warmup_steps": args.warmup,
+        "method": {"timed": "librarian.training.train.Trainer.step (train_step and the loop's accounting)",
+                   "warmup_steps": args.warmup,
                    "timed_rounds": args.rounds, "steps_per_round": args.steps,
                    "untimed_steps_per_turn": 1,
-                   "tokens_per_s": "median over the interleaved rounds",
+                   "tokens_per_s": "median over the interleaved rounds of the tokens the steps took (a batch "
+                                   "warmup's smaller batches as taken) over their time",
                    "ratio_vs_baseline": "median of the per-round ratios to the baseline",
                    "keep_memory": "*_keep_memory setups: a worker process of this script (as ddp2_*) that "
                                   "first calls mallopt(M_MMAP_THRESHOLD, 1 GB) and mallopt(M_TRIM_THRESHOLD, 2 GB)",

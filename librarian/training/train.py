@@ -152,7 +152,7 @@ def _compiled(fn):
 # --- the run -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainPaths:
     """Where a run writes. Keyword-only, so that no two callers can pass them in different orders."""
 
@@ -180,7 +180,7 @@ class Trainer:
         self.after_step = after_step
         self.step_seconds = 0.0  # wall time inside train_step in this process: training alone
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
-        self.out_dir, self.state_dir, self.live_dir, self.speed_dir = (
+        self.out_dir, self.state_dir, self.curves_dir, self.speed_dir = (
             Path(paths.model), Path(paths.state), Path(paths.curves), Path(paths.speed))
         self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
         self.fingerprint = fingerprint(params, [train.meta, val.meta] + [sha256_of(c.tokens, c.loss_mask) for c in chats],
@@ -255,6 +255,18 @@ class Trainer:
         """Whether the next step's batch fits in what is left of this epoch's windows."""
         return self.progress.windows_in_epoch + self.step_windows() <= len(self.train_windows)
 
+    def step(self, order: np.ndarray) -> float:
+        """One optimizer step (train_step) and its accounting: the windows and tokens of the batch it
+        actually took, the time it took, its loss. The loop steps through here, and so does
+        benchmarks/train_throughput.py: counting on its own, it once credited every step with the full
+        batch during a batch warmup and never advanced tokens_seen."""
+        windows = self.step_windows()  # before the step: the batch depends on the tokens seen so far
+        started = time.perf_counter()
+        loss = self.train_step(order)
+        self.step_seconds += time.perf_counter() - started
+        self.progress.count_step(loss, windows * self.params.model.context_length, windows)
+        return loss
+
     def train_step(self, order: np.ndarray) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
         p, tp = self.progress, self.tp
@@ -310,15 +322,15 @@ class Trainer:
 
     def run(self) -> Progress:
         self.resume()
-        live = _Curves(self.live_dir, self.speed_dir, self.progress) if self.rank == 0 else None
+        curves = _Curves(self.curves_dir, self.speed_dir, self.progress) if self.rank == 0 else None
         try:
-            self._fit(live)
+            self._fit(curves)
         finally:  # on an interrupt too
-            if live:
-                live.close()
+            if curves:
+                curves.close()
         return self.progress
 
-    def _fit(self, live) -> None:
+    def _fit(self, curves) -> None:
         p = self.progress
         planned_epochs = self.plan.epochs
         # One bar for the whole run, to the planned steps (max_steps, max_tokens); early stopping ends it sooner.
@@ -328,65 +340,56 @@ class Trainer:
         # Ctrl-C and SIGTERM wait for the end of the step: the state is saved there, and the rerun
         # resumes from that very step. (Under torchrun every rank would have to agree: not deferred.)
         with deferred_stops(enabled=self.world == 1) as stop:
-            self._epochs(live, bar, planned_epochs, stop)
+            self._epochs(curves, bar, planned_epochs, stop)
         bar.close()
         if not p.stop_reason:
             p.stop_reason = "max_epochs"
         if p.point_loss_count:  # the steps since the last point: the curve runs to the last step
-            self._add_point(live)
+            self._add_point(curves)
         self._finish()
-        if live:
-            live.end(p.global_step)
+        if curves:
+            curves.end(p.global_step)
 
-    def _epochs(self, live, bar, planned_epochs: int, stop) -> None:
+    def _epochs(self, curves, bar, planned_epochs: int, stop) -> None:
         """The training loop proper: epochs of optimizer steps until a cap, early stopping or a stop request."""
         p, tp = self.progress, self.tp
         while p.epoch < tp.max_epochs and not p.stop_reason:
             order = self.train_windows.order(self.params.seed, p.epoch)
-            started, tokens_before = time.perf_counter(), p.tokens_seen
+            clock = _Clock(p)
             bar.set_description(f"epoch {p.epoch + 1}/{planned_epochs}", refresh=False)
             while self.epoch_has_room() and not p.stop_reason:
-                windows = self.step_windows()
-                step_started = time.perf_counter()
-                loss = self.train_step(order)
-                self.step_seconds += time.perf_counter() - step_started
-                p.count_step(loss, windows * self.params.model.context_length, windows)
+                loss = self.step(order)
                 p.stop_reason = p.cap_reached(tp.max_steps, tp.max_tokens)
                 if self.after_step:
                     self.after_step(self)
                 if p.global_step % tp.log_every == 0:
-                    self._add_point(live)
-                elapsed = time.perf_counter() - started
+                    self._add_point(curves)
                 # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not every step.
-                tokens_per_s = (p.tokens_seen - tokens_before) / elapsed
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{clock.tokens_per_s():,.0f}", refresh=False)
                 bar.update(1)
                 if stop and not p.stop_reason:
-                    p.elapsed_s += time.perf_counter() - started
+                    clock.bank()
                     self.checkpoint()
                     self._log(f"stopped at step {p.global_step}; the training state is saved: rerun to "
                               "resume from this step")
                     stop.raise_now()
                 if tp.checkpoint_every and p.global_step % tp.checkpoint_every == 0 and not p.stop_reason:
-                    p.elapsed_s += time.perf_counter() - started
-                    started, tokens_before = time.perf_counter(), p.tokens_seen
+                    clock.bank()
                     self.checkpoint()
-            epoch_s = time.perf_counter() - started
-            p.elapsed_s += epoch_s
-            self._end_epoch((p.tokens_seen - tokens_before) / max(epoch_s, 1e-9), live)
+            self._end_epoch(clock.bank(), curves)
             stop.raise_now()  # a stop during validation: _end_epoch has just saved the state
 
-    def _add_point(self, live) -> None:
+    def _add_point(self, curves) -> None:
         """A point of the step curves: the mean train loss since the last point, the learning rate of this step."""
         p = self.progress
         point = {"step": p.global_step, "train_loss": p.point_loss_sum / p.point_loss_count,
                  "lr": lr_at(p.global_step - 1, self.tp, self.total_steps), "tokens_seen": p.tokens_seen}
         p.points.append(point)
         p.point_loss_sum, p.point_loss_count = 0.0, 0
-        if live:
-            live.log_point(point)
+        if curves:
+            curves.log_point(point)
 
-    def _end_epoch(self, tokens_per_s: float, live) -> None:
+    def _end_epoch(self, tokens_per_s: float, curves) -> None:
         p = self.progress
         val = self.val_loss()
         if not math.isfinite(val):
@@ -400,8 +403,8 @@ class Trainer:
         p.history.append(record)
         if p.end_epoch(val, self.tp.patience) and self.rank == 0:
             save_weights(self.model, self.state_dir / TrainState.BEST, self.tokenizer_sha256)
-        if live:
-            live.log_epoch(record)
+        if curves:
+            curves.log_epoch(record)
         self._log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val:.4f}"
                   f"{' (best)' if p.best_epoch == record['epoch'] else ''}, {tokens_per_s:,.0f} tokens/s")
         self.checkpoint()
@@ -417,7 +420,7 @@ class Trainer:
             summary.update(n_params=self.model.n_params(), steps_per_epoch=self.steps_per_epoch,
                            config=self.model.config.to_dict(), environment=describe(self.device))
             with atomic_dir(self.out_dir) as tmp:
-                shutil.copyfile(self.state_dir / "best.safetensors", tmp / "model.safetensors")
+                shutil.copyfile(self.state_dir / TrainState.BEST, tmp / "model.safetensors")
                 save_weights(self.model, tmp / "last.safetensors", self.tokenizer_sha256)
                 write_json(tmp / "train.json", summary)
             remove_dir(self.state_dir)
@@ -432,6 +435,31 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.rank == 0:
             print(f"{self.name}: {message}", flush=True)
+
+
+class _Clock:
+    """The wall time and tokens of the loop since its last mark: the epoch's start or the last
+    checkpoint. Banking is the one place where training time goes into progress.elapsed_s (which
+    leaves out validation, and the checkpoint a stop request saves)."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self._mark()
+
+    def _mark(self) -> None:
+        self.started, self.tokens_before = time.perf_counter(), self.progress.tokens_seen
+
+    def tokens_per_s(self) -> float:
+        """Training tokens a second since the mark."""
+        return (self.progress.tokens_seen - self.tokens_before) / max(time.perf_counter() - self.started, 1e-9)
+
+    def bank(self) -> float:
+        """Add the time since the mark to progress.elapsed_s and mark again; returns the tokens/s since the old mark."""
+        seconds = time.perf_counter() - self.started
+        tokens_per_s = (self.progress.tokens_seen - self.tokens_before) / max(seconds, 1e-9)
+        self.progress.elapsed_s += seconds
+        self._mark()
+        return tokens_per_s
 
 
 class _Curves:
@@ -449,11 +477,11 @@ class _Curves:
     EPOCH = ("val_loss",)
     SPEED = ("tokens_per_s", "elapsed_s")
 
-    def __init__(self, results_dir: Path, speed_dir: Path, progress: Progress):
+    def __init__(self, curves_dir: Path, speed_dir: Path, progress: Progress):
         from dvclive import Live
 
         self.results, self.speed = (Live(str(d), dvcyaml=None, save_dvc_exp=False, report=None)
-                                    for d in (results_dir, speed_dir))
+                                    for d in (curves_dir, speed_dir))
         for point in progress.points:
             self.log_point(point)
         for record in progress.history:
