@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from librarian.core.config import parse_params
-from librarian.cli.dvc_cli import dvc_command
+from librarian.cli.dvc_cli import dotted, dvc_command
 from librarian.core.errors import LibrarianError
 
 DEMO_PARAMS = Path("demo.yaml")
@@ -28,17 +28,11 @@ PROMPT = "Once upon a time"
 CHAT_MESSAGE = "Tell me a story about a cat."
 
 
-def overrides(demo: dict, prefix: str = "") -> list[str]:
+def overrides(demo: dict) -> list[str]:
     """demo.yaml's nested keys as `dvc exp run -S key=value` arguments, in file order."""
-    flat = []
-    for key, value in demo.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat += overrides(value, f"{dotted}.")
-        else:
-            # JSON is YAML: -S parses it back to the same value, strings and lists included.
-            flat.append(f"{dotted}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}")
-    return flat
+    # JSON is YAML: -S parses it back to the same value, strings and lists included.
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
+            for key, value in dotted(demo).items()]
 
 
 def merged(base: dict, demo: dict) -> dict:

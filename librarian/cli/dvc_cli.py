@@ -31,3 +31,14 @@ def dvc_json(*args: str, fix: str = IN_PROJECT):
         return json.loads(result.stdout)
     except json.JSONDecodeError:
         raise LibrarianError(f"`{command} --json` printed no JSON; check that `{command}` works here") from None
+
+
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """A nested params tree by DVC's names for its leaves (`model.n_layer`), in file order."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

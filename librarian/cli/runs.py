@@ -17,7 +17,7 @@ import shutil
 
 import pandas as pd
 
-from librarian.cli.dvc_cli import dvc_json
+from librarian.cli.dvc_cli import dotted, dvc_json
 from librarian.cli.results import format_value, metrics_frame, text_table
 
 TEST_METRICS = "metrics/metrics.json"  # the evaluate stage's output: test metrics as flat keys
@@ -43,21 +43,11 @@ def _file_data(data: dict, kind: str, path: str) -> dict:
 def differing_params(params: dict[str, dict]) -> pd.DataFrame:
     """Run name -> its params (dotted keys), only the keys whose values are not the same in every run."""
     # object dtype: a key missing in one run must not turn the others' ints into floats (1000 -> 1000.0)
-    flat = pd.DataFrame([_flatten(p) for p in params.values()], index=list(params), dtype=object)
+    flat = pd.DataFrame([dotted(p) for p in params.values()], index=list(params), dtype=object)
     # Lists (samples.prompts) cannot be compared as such: compare their JSON text.
     as_text = flat.apply(lambda col: col.map(lambda v: json.dumps(v, sort_keys=True)))
     differ = [key for key in flat.columns if as_text[key].nunique(dropna=False) > 1]
     return flat[differ].apply(lambda col: col.map(lambda v: "-" if _missing(v) else str(v)))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _missing(value) -> bool:
