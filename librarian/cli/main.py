@@ -50,7 +50,12 @@ def add_command(commands, name: str, run, help: str, description: str) -> argpar
 def build_parser() -> Parser:
     parser = Parser(prog="librarian", description="Use a trained Librarian model: generate text, chat, export.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_generate, _add_chat, _add_export, _add_serve, _add_compare, _add_runs, _add_plots, _add_demo):
+        add(commands)
+    return parser
 
+
+def _add_generate(commands) -> None:
     generate = add_command(commands, "generate", run_generate,
                            help="continue a prompt, streaming the text as it comes",
                            description="Print the prompt, then the model's continuation as it is generated. "
@@ -62,6 +67,8 @@ def build_parser() -> Parser:
     generate.add_argument("--num-samples", type=int, default=1,
                           help="continuations to print, each from seed + i when --seed is given (default: 1)")
 
+
+def _add_chat(commands) -> None:
     chat = add_command(commands, "chat", run_chat,
                        help="talk with the model in the User:/Assistant: format",
                        description="An interactive chat; type /help inside it for the commands. "
@@ -70,6 +77,8 @@ def build_parser() -> Parser:
     add_model_options(chat)
     add_sampling_options(chat)
 
+
+def _add_export(commands) -> None:
     export = add_command(commands, "export", run_export,
                          help="write the model as a Hugging Face transformers folder",
                          description="Export a model and its tokenizer for AutoModelForCausalLM.from_pretrained: "
@@ -81,6 +90,8 @@ def build_parser() -> Parser:
                         help="replace an earlier Librarian export at OUT (never a folder holding anything else)")
     add_model_options(export)
 
+
+def _add_serve(commands) -> None:
     serve = add_command(commands, "serve", run_serve,
                         help="an OpenAI-compatible HTTP API and a chat page in the browser",
                         description="Serve the model over HTTP: /v1/chat/completions, /v1/completions and /v1/models "
@@ -96,6 +107,10 @@ def build_parser() -> Parser:
                        help="require `Authorization: Bearer KEY` on /v1 (default: $LIBRARIAN_API_KEY, else none)")
     serve.add_argument("--model-name", default=None,
                        help="the model's id in the API (default: librarian-chat or librarian-base, by the model)")
+    _add_serve_limits(serve)
+
+
+def _add_serve_limits(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--slots", type=int, default=64, help="sequences decoded together at most (default: 64)")
     serve.add_argument("--max-tokens-limit", type=int, default=1024,
                        help="the most tokens a request may ask for (default: 1024)")
@@ -104,6 +119,8 @@ def build_parser() -> Parser:
     serve.add_argument("--threads", type=int, default=0,
                        help="torch CPU threads; 0 = auto: the fastest for the model's size (default: 0)")
 
+
+def _add_compare(commands) -> None:
     compare = add_command(commands, "compare", run_compare,
                           help="compare a run's test metrics with the published reference runs",
                           description="Print your metrics/metrics.json beside results/reference.json.")
@@ -112,12 +129,16 @@ def build_parser() -> Parser:
     compare.add_argument("--reference", type=Path, default=Path("results/reference.json"),
                          help="the reference runs (default: results/reference.json)")
 
+
+def _add_runs(commands) -> None:
     runs = add_command(commands, "runs", run_runs,
                        help="the experiments side by side: test metrics, then the params that differ",
                        description="A compact `dvc exp show`: each experiment's test loss, perplexity, "
                                    "top-k accuracy and bits/byte, and only the params that differ between them.")
     runs.add_argument("-A", "--all-commits", action="store_true", help="every commit's experiments, not only HEAD's")
 
+
+def _add_plots(commands) -> None:
     plots = add_command(commands, "plots", run_plots,
                         help="draw the training curves offline: PNG files and one HTML page",
                         description="Render the plots of `dvc plots show` (or `dvc plots diff REV...`) "
@@ -127,12 +148,13 @@ def build_parser() -> Parser:
     plots.add_argument("--out", type=Path, default=Path("dvc_plots/offline"),
                        help="the folder to write (default: dvc_plots/offline; replaced whole on a rerun)")
 
+
+def _add_demo(commands) -> None:
     add_command(commands, "demo", run_demo,
                 help="run the whole pipeline offline in about a minute, then generate and chat",
                 description="Train a small model on the stories shipped in tests/fixtures/ "
                             "(`dvc exp run -n demo` with the settings of demo.yaml), then show it "
                             "generating and chatting. Needs no network.")
-    return parser
 
 
 def run_demo(args: argparse.Namespace) -> None:
