@@ -64,17 +64,13 @@ def _called_from_main_module() -> bool:
 
 
 def _run(main, argv) -> None:
-    debug = os.environ.get("LIBRARIAN_DEBUG") == "1"
     try:
         process.while_running()  # inside: it raises Terminated if the launcher is already gone
         main(argv)
         # The outputs are in place: a Ctrl-C while the interpreter shuts down changes nothing.
         process.ignore_stops()
     except LibrarianError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(exc))
     except KeyboardInterrupt:
         process.ignore_stops()
         process.say(f"error: interrupted; {_STOPPED}")
@@ -83,10 +79,15 @@ def _run(main, argv) -> None:
         process.say(f"error: terminated (SIGTERM); {_STOPPED}")
         sys.exit(process.exit_code(signal.SIGTERM))
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a clear message
-        if debug:
-            traceback.print_exc()
-        print(f"error: {_unexpected(exc)}", file=sys.stderr)
-        sys.exit(1)
+        _fail(_unexpected(exc))
+
+
+def _fail(message: str) -> None:
+    """One line and exit 1; the traceback of the exception being handled only with LIBRARIAN_DEBUG=1."""
+    if os.environ.get("LIBRARIAN_DEBUG") == "1":
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _unexpected(exc: Exception) -> str:
