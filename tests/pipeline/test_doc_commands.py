@@ -12,7 +12,6 @@ fails the suite, not a reader.
 
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,7 +119,7 @@ def demo_project(tmp_path_factory) -> Path:
     return project
 
 
-@pytest.mark.parametrize("command", RUN)
+@pytest.mark.parametrize("command", RUN, ids=RUN)
 def test_librarian_commands_of_the_docs_run_on_the_demo(demo_project, command):
     args = shlex.split(command)[1:]
     result = librarian(*args, cwd=demo_project, stdin=CHAT_INPUT if args[0] == "chat" else "")
