@@ -187,7 +187,7 @@ def stop_with_launcher() -> None:
     launcher, wrapper = _launcher()
     if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN and _is_shell(_cmdline(launcher)):
         return
-    _set_parent_death_signal(signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != _PARENT_AT_START:  # the parent died before the signal was armed
         os.kill(os.getpid(), signal.SIGTERM)
     if wrapper is not None:
@@ -203,7 +203,7 @@ def _stop_watching_launcher(death_signal: int | None) -> None:
         _launcher_watch.set()
         _launcher_watch = None
     if death_signal is not None:
-        _set_parent_death_signal(death_signal)
+        set_parent_death_signal(death_signal)
     _watching = False
 
 
@@ -216,7 +216,8 @@ def _parent_death_signal() -> int | None:
     return signum.value
 
 
-def _set_parent_death_signal(signum: int) -> None:
+def set_parent_death_signal(signum: int) -> None:
+    """Get `signum` when the parent dies (0: nothing); Linux only, the caller checks."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
@@ -256,6 +257,13 @@ def _parent_of(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])  # after "(comm)": state, then ppid
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # --- one process per folder ---------------------------------------------------------------------

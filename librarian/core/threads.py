@@ -16,22 +16,15 @@ widths 128 to 1024, and at 1.3x one idle thread with one core busy.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
 from librarian.core.errors import LibrarianError
+from librarian.core.process import available_cores
 
 DECODE_ONE_THREAD_UP_TO = 2048  # d_model; wider models were not measured and get a thread per core
 MAX_AUTO_THREADS = 8
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def auto_threads(d_model: int, batched: bool = False) -> int:

@@ -15,7 +15,6 @@ stage scripts have. Only standard-library imports here.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -27,21 +26,15 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from librarian.core.errors import LibrarianError
+from librarian.core.process import available_cores as available_cores  # re-exported: clean takes it from here
+from librarian.core.process import set_parent_death_signal
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Tasks in flight per worker: one running, one queued so that it never waits for the stage; more
 # would only hold more batches in memory.
 TASKS_PER_WORKER = 2
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _worker_start(stage_pid: int) -> None:
@@ -50,7 +43,7 @@ def _worker_start(stage_pid: int) -> None:
     # for the stage: a worker just ends.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != stage_pid:  # the stage died before the signal was armed
         os._exit(1)
 
