@@ -12,7 +12,9 @@ when the checked-in page is not what the schema renders (tests/core/test_params_
 from __future__ import annotations
 
 import argparse
+import html
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
@@ -30,6 +32,7 @@ PAGE = Path("docs/reference/params.md")
 COMMAND = "python -m librarian.core.params_doc --write"
 INTRO = ("Every key is required; unknown keys, wrong types and out-of-range values stop the stage with one line naming "
          "the key and what it accepts. Defaults are the model card's.")
+CODE_WITH_PIPE = re.compile(r"`([^`]*\|[^`]*)`")
 HEADER = ("| key | default | allowed | meaning |", "|---|---|---|---|")
 
 
@@ -133,8 +136,14 @@ def _default(value: object) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text that stays inside one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text that stays inside one Markdown table cell, rendered alike by GitHub and MkDocs.
+
+    A `|` must not end the cell. Outside code, `\\|` is a pipe in both; inside a code span GitHub
+    unescapes it but MkDocs prints the backslash, so a code span with a pipe becomes <code> with &#124;.
+    """
+    text = CODE_WITH_PIPE.sub(lambda m: f"<code>{html.escape(m[1], quote=False).replace('|', '&#124;')}</code>",
+                              " ".join(text.split()))
+    return text.replace("|", "\\|")
 
 
 def _main(argv=None) -> None:

@@ -70,7 +70,9 @@ def test_allowed_is_derived_from_types_bounds_and_rules():
                 "| `model.mlp` | `gelu` | `gelu`, `swiglu`, `relu2` |",  # Literal choices
                 "| `model.n_head` | `4` | int ≥ 1; divides d_model |",  # a cross-key rule
                 "| `samples.prompts` | `[\"Once upon a time\",",  # a list, as YAML reads it back
-                "| `tokenizer.special_tokens` | `[\"<\\|endoftext\\|>\", "]:  # | escaped inside a table cell
+                # a pipe in code, as both GitHub and MkDocs show it without ending the cell
+                "| `tokenizer.special_tokens` | <code>[\"&lt;&#124;endoftext&#124;&gt;\", ",
+                "includes <code>&lt;&#124;endoftext&#124;&gt;</code> and `<pad>`, no repeats |"]:
         assert row in page, row
     assert params_doc.INTRO in page
 
