@@ -234,16 +234,21 @@ class StoryWriter:
 @contextlib.contextmanager
 def story_writer(path: str | Path, schema: pa.Schema = STORY_SCHEMA):
     """Yield a StoryWriter for `path`, written atomically (see atomic_path)."""
-    with atomic_path(path) as tmp:
-        writer = StoryWriter(tmp, schema)
-        try:
-            yield writer
-            writer.finish()
-        except BaseException:
-            # Only to let go of the file: the error that brought us here is the one to report.
-            with contextlib.suppress(Exception):
-                writer.close()
-            raise
+    with atomic_path(path) as tmp, finished(StoryWriter(tmp, schema)) as writer:
+        yield writer
+
+
+@contextlib.contextmanager
+def finished(writer: StoryWriter):
+    """Yield `writer`; finish it when the block succeeds, else only close it."""
+    try:
+        yield writer
+        writer.finish()
+    except BaseException:
+        # Only to let go of the file: the error that brought us here is the one to report.
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
 
 
 # How a full disk (or a quota, or a file-size limit) shows up: errno where the writer keeps it, else

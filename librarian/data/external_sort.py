@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 import librarian.core.io
-from librarian.core.io import StoryWriter
+from librarian.core.io import StoryWriter, finished
 
 SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 POSITION = "__position"  # each spilled row's place in the output, a column of the bucket files only
@@ -113,11 +113,5 @@ class TableWriter(StoryWriter):
 @contextlib.contextmanager
 def table_writer(path: Path, schema: pa.Schema):
     """Yield a TableWriter for `path` (inside the caller's atomic_dir); finished on success."""
-    writer = TableWriter(path, schema)
-    try:
+    with finished(TableWriter(path, schema)) as writer:
         yield writer
-        writer.finish()
-    except BaseException:
-        with contextlib.suppress(Exception):  # only to let go of the file: the error is the one to report
-            writer.close()
-        raise
