@@ -453,7 +453,7 @@ def _describe(error: dict) -> str:
     if kind == "extra_forbidden":
         return f"unknown key {key}{_did_you_mean(loc)}; remove it or fix its spelling"
     if kind == "missing":
-        return f"missing key {key}; add it (see the params reference in README.md)"
+        return f"missing key {key}; add it (see the params reference, docs/reference/params.md)"
     message = error["msg"].removeprefix("Value error, ")
     if kind.endswith("_type") or kind in {"int_from_float", "model_type"}:
         hint = ""
