@@ -1,4 +1,21 @@
-"""Token files as training and evaluation data: memory-mapped, checked against their sidecar."""
+"""Token files as training and evaluation data: memory-mapped, checked against their sidecar.
+
+Two windowings score a split, on purpose. Windows (here) makes the train stage's batches and its
+validation loss: the val split in windows of model.context_length placed end to end (stride =
+context_length), float32. The evaluate stage slides its own windows (window_plan in
+librarian/evaluation/evaluate.py) eval.stride tokens at a time, each scoring only the targets the
+previous ones did not reach, the last one aligned to the split's end, the trunk under bf16 autocast.
+So the val loss in metrics/train (and train.json's best_val_loss) is not the evaluate stage's loss
+on the same val split (metrics.json's "val"), and on real text it is usually higher: in end-to-end
+windows a target sees on average half a window of context, under evaluate's stride every target
+past the first window sees at least context_length - eval.stride (the more a model uses long
+context, the wider the gap); the last targets of the split that do not fill a whole window (fewer
+than context_length) are left out here; and bf16 moves evaluate's figures by up to 1e-3. The val
+loss is a signal for early stopping and the best checkpoint, cheap every epoch and comparable from
+epoch to epoch and run to run; the evaluate stage's figures are the model's reported quality.
+Making one use the other's windowing would change every train curve and early-stopping decision
+(or every metrics.json) already recorded.
+"""
 
 from __future__ import annotations
 

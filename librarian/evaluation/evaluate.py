@@ -7,6 +7,13 @@ counted twice or skipped, and every token past the first window sees at least
 context_length - stride tokens of context: a smaller stride costs more compute and gives a
 (slightly) lower, fairer loss.
 
+Not the train stage's validation loss: training scores the val split in end-to-end windows
+(librarian.data.windows.Windows, stride = context_length, float32), where a target sees half a
+window of context on average and the split's last partial window is left out. Its val loss is
+therefore not this stage's "val" loss on the same split (on real text, usually higher); it serves
+early stopping and the choice of the best checkpoint, these figures report the model
+(librarian/data/windows.py says more).
+
 Speed (benchmarks/evaluate_throughput.py: ~3x training's tokens/s on 2 cores, against ~1x before):
 scoring runs under inference mode, the transformer trunk under bf16 autocast, and the output head
 only on the positions a window scores, a chunk of rows at a time: with eval.stride 64 and context

@@ -292,7 +292,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         # The step's loss as its gradient weighs it: the mean over its scored targets.
-        mean = torch.stack(losses).mean() if weights is None else sum(l * w for l, w in zip(losses, weights))
+        mean = torch.stack(losses).mean() if weights is None else sum(part * w for part, w in zip(losses, weights))
         return distributed.mean(mean, self.world).item()
 
     def _micro_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
