@@ -4,14 +4,13 @@ through a small split.
 
 A module of its own, imported as `from common import ...` (a benchmark's folder is on sys.path
 when it runs), so that no benchmark imports another benchmark's script for a helper. Heavy
-imports (torch, librarian) are made inside the functions that need them: the data benchmarks
+imports (torch, most of librarian) are made inside the functions that need them: the data benchmarks
 measure memory and start-up, and should not pay for torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import statistics
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from librarian.core.process import set_parent_death_signal
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSY_LOOP = "while True: pass"
@@ -131,7 +132,7 @@ _running: subprocess.Popen | None = None  # run_watched's command while it runs,
 
 def die_with_us() -> None:
     """In the child before exec (Popen's preexec_fn): SIGTERM when this script dies, however it dies (even kill -9)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def tree_rss(root: psutil.Process, skip_root: bool) -> int:
