@@ -156,3 +156,15 @@ def build_tiny(directory: Path, context_length: int = TINY_CONTEXT,
     vocab = tiny_tokenizer(tokenizer_path).get_vocab_size()
     sha = file_sha256(tokenizer_path) if record_tokenizer else None
     return tiny_model(directory / "model.safetensors", vocab, context_length, tokenizer_sha256=sha), tokenizer_path
+
+
+def network_off(cmd: list[str]) -> list[str]:
+    """`cmd` in a network namespace of its own: no interface but a loopback that is down (skips where unshare cannot)."""
+    import subprocess
+
+    import pytest
+
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot turn the network off here (unshare --net: {probe.stderr.decode().strip()})")
+    return ["unshare", "--net", *cmd]

@@ -11,19 +11,11 @@ import pytest
 from librarian.core.errors import LibrarianError
 from librarian.cli.plots import check_replaceable, render
 from librarian.training.train import TrainPaths, train
-from tests.helpers import ROOT, TINY_MODEL, VOCAB, stories, write_tokens
+from tests.helpers import ROOT, TINY_MODEL, VOCAB, network_off, stories, write_tokens
 from tests.dvc_project import code_env, dvc
 
 CODE_ENV = code_env()
 CURVES = ["loss", "train_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s", "elapsed_s"]
-
-
-def network_off(cmd: list[str]) -> list[str]:
-    """`cmd` in a network namespace of its own: no interface but a loopback that is down."""
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot turn the network off here (unshare --net: {probe.stderr.decode().strip()})")
-    return ["unshare", "--net", *cmd]
 
 
 @pytest.fixture

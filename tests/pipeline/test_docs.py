@@ -5,8 +5,7 @@ import re
 import subprocess
 import sys
 
-from tests.cli.test_plots import network_off
-from tests.helpers import ROOT
+from tests.helpers import ROOT, network_off
 
 README = ROOT / "README.md"
 README_LIMIT = 12_000  # characters: the front page; everything else is in docs/
