@@ -403,10 +403,10 @@ def test_a_stage_gets_sigterm_when_its_shell_dies(tmp_path):
 @LINUX_ONLY
 def test_a_stage_whose_parent_died_before_it_could_watch_stops(tmp_path):
     """The race: the parent is gone before the parent-death signal is armed, so none will ever come."""
-    child_code = ("from librarian import process\n"  # notes its parent
+    child_code = ("from librarian.core import process\n"  # notes its parent
                   "print('noted', flush=True)\n"
                   "import time; time.sleep(1.5)\n"  # the parent exits meanwhile
-                  + _ARMED.replace("from librarian import process\n", ""))
+                  + _ARMED.replace("from librarian.core import process\n", ""))
     out = tmp_path / "out.txt"
     launcher = _run_python("import os, pathlib, subprocess, sys, time\n"
                            f"out = pathlib.Path({str(out)!r})\n"
