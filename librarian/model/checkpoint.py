@@ -7,6 +7,7 @@ and plain values only, loaded with `weights_only=True`, which cannot run code.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import asdict
@@ -163,8 +164,13 @@ def describe_mismatch(expected: dict, found: dict, show: int = 3) -> str:
 
 
 def save_state(state: dict, path: str | Path) -> None:
+    # Serialised in memory, then written as plain bytes: torch.save's own zip writer reports a full
+    # disk as "unexpected pos N vs M", without the errno, while a plain write raises ENOSPC/EFBIG,
+    # which the atomic writer turns into the one-line disk-full error.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        Path(tmp).write_bytes(buffer.getbuffer())
 
 
 def load_state(path: str | Path) -> dict:
