@@ -168,7 +168,7 @@ def test_failed_write_leaves_no_folder(tmp_path, tokenizer, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "tokenizer.json"]
 
 
-def test_missing_transformers_names_the_extra_as_the_readme_does(tmp_path, tokenizer, monkeypatch):
+def test_missing_transformers_names_the_extra_as_the_docs_do(tmp_path, tokenizer, monkeypatch):
     save_weights(small_gpt(tokenizer.get_vocab_size()), tmp_path / "model.safetensors")
     save_tokenizer(tokenizer, tmp_path / "tokenizer.json")
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
@@ -176,7 +176,7 @@ def test_missing_transformers_names_the_extra_as_the_readme_does(tmp_path, token
     with pytest.raises(LibrarianError, match=r"install it with `pip install -e '\.\[export\]'`"):
         export_hf(tmp_path / "model.safetensors", tmp_path / "tokenizer.json", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    assert f"**Export** (`{INSTALL_HINT}`)" in (ROOT / "README.md").read_text()
+    assert f"With the `export` extra (`{INSTALL_HINT}`)" in (ROOT / "docs" / "export.md").read_text()
 
 
 # --- where the export may write -------------------------------------------------------------------
