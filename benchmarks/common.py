@@ -187,6 +187,23 @@ def stop_running(timeout: float = 15.0) -> None:
         pass
 
 
+
+@contextlib.contextmanager
+def stopping_on_interrupt(then=None):
+    """Ctrl-C (or SIGTERM, turned into one) stops run_watched's running command and exits 130 with one
+    line; on any exit, that command is stopped first (it never outlives the benchmark), then `then()`
+    cleans up."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_running()
+        print("interrupted; the running stage was stopped", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        stop_running()
+        if then is not None:
+            then()
+
 # --- training steps ------------------------------------------------------------------------------
 
 

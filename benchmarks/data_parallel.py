@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import busy_cpu_s, cpu_name, run_watched, stop_running  # noqa: E402  (benchmarks/common.py)
+from common import busy_cpu_s, cpu_name, run_watched, stopping_on_interrupt  # noqa: E402  (benchmarks/common.py)
 from librarian.data.clean import clean_workers  # noqa: E402
 from librarian.data.parallel import available_cores  # noqa: E402
 
@@ -256,7 +256,7 @@ def main():
           f"python {sys.version.split()[0]}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     print(f"project {project}: {stories:,} train stories; busy now: {busy_processes() or 'nothing'}", flush=True)
     summary, report = [], {"cpu": cpu_name(), "cores": psutil.cpu_count(), "stories": stories, "runs": {}}
-    try:
+    with stopping_on_interrupt(then=lambda: remove(project / "par-sizes")):
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
         if "clean" in stages:
             settings = {label: (overrides, None) for label, overrides in clean_settings(project, force=False).items()}
@@ -288,13 +288,6 @@ def main():
         report["summary"] = summary
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
-    except KeyboardInterrupt:
-        stop_running()
-        print("interrupted; the running stage was stopped", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        stop_running()
-        remove(project / "par-sizes")
     if not all(line["identical"] for line in summary):
         sys.exit("outputs differ between runs or from the project's own; see above")
 

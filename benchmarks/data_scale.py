@@ -67,7 +67,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_name, run_watched, stop_running  # noqa: E402  (benchmarks/common.py)
+from common import cpu_name, run_watched, stopping_on_interrupt  # noqa: E402  (benchmarks/common.py)
 from librarian.data.clean import clean_stories, rejection  # noqa: E402
 from librarian.core.config import load_params  # noqa: E402
 from librarian.data.sources import read_local  # noqa: E402
@@ -399,7 +399,14 @@ def main():
     print(f"cpu: {cpu_name()}, {psutil.cpu_count()} cores, nice {os.nice(0)}; python {sys.version.split()[0]}; "
           f"work folder {work}", flush=True)
     results = {}
-    try:
+
+    def leave_work():
+        if args.keep:
+            print(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    with stopping_on_interrupt(then=leave_work):
         started = time.perf_counter()
         real = read_local(args.source).splits["train"]
         sources, report = clean_stories(real, params.clean)
@@ -450,16 +457,6 @@ def main():
                       "results": {str(n): r for n, r in results.items()}, "goals": goals}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
-    except KeyboardInterrupt:
-        stop_running()
-        print("interrupted; the running stage was stopped", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        stop_running()
-        if args.keep:
-            print(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
