@@ -49,16 +49,16 @@ from librarian.training.train import Trainer, TrainPaths, build_trainer
 PROJECT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TARGET_PERPLEXITY = 12.76  # the model card's held-out perplexity (12.763)
 
-# The best short recipe of README "Results" before issue 13: 8 M tokens, cosine, AdamW.
+# The best short recipe of docs/results.md before issue 13: 8 M tokens, cosine, AdamW.
 BEST_SHORT = {
     "model.dropout": 0.0, "model.attention": "sdpa",
     "train.lr": 6e-3, "train.min_lr": 6e-4, "train.schedule": "cosine", "train.warmup_steps": 200,
     "train.weight_decay": 0.1, "train.decay_matrices_only": True, "train.beta2": 0.99, "train.grad_clip": 1.0,
     "train.fused_loss": True, "train.compile": True, "train.threads": 1, "train.max_tokens": 8_000_000,
 }
-# The speedrun recipe (README "Speedrun"): Muon on the blocks' matrices, warmup-stable-decay, the
+# The speedrun recipe (docs/training.md, "Speedrun"): Muon on the blocks' matrices, warmup-stable-decay, the
 # batch grown from 8 to 32 over the first 1 M tokens, 3 M tokens. The sweep behind it (3 M tokens
-# each, `dvc exp show`) is in README "Speedrun". Its
+# each, `dvc exp show`) is in docs/training.md, "Speedrun". Its
 # execution is the fastest for its model in benchmarks/train_throughput.py: manual attention
 # (Inductor compiles it; PyTorch's CPU sdpa backward is slower) on both cores.
 SPEEDRUN = BEST_SHORT | {

@@ -26,7 +26,7 @@ Setups -- every one a params.yaml the train stage accepts:
     train.fused_loss; train.compile; train.threads 1 or 2, and their combinations. The card's
     model (model.dropout 0.2) throughout.
   * ddp2_*: two processes of one thread each, DistributedDataParallel over gloo, each taking half
-    of every batch: the train stage under `torchrun --nproc_per_node=2` (README "Scale out").
+    of every batch: the train stage under `torchrun --nproc_per_node=2` (docs/scale.md, "Scale out").
     This script starts the two workers itself (itself with --worker, RANK / WORLD_SIZE set as
     torchrun sets them) and steps them in the same interleaved rounds: while they step, this
     process waits on their pipes; while this process steps, they wait on theirs.

@@ -16,7 +16,7 @@ from librarian.core.errors import LibrarianError
 
 DEFAULT_REFERENCE = Path("results/reference.json")
 DEFAULT_METRICS = Path("metrics/metrics.json")
-# The held-out metrics every run reports, in the order of the README's results table.
+# The held-out metrics every run reports, in the order of the results table (README, docs/results.md).
 COLUMNS = ("loss", "perplexity", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte")
 HEADERS = ("loss", "ppl", "top-1", "top-5", "top-10", "bits/byte")
 
@@ -61,7 +61,7 @@ def metrics_frame(runs: dict[str, dict]) -> pd.DataFrame:
 
 
 def text_table(frame: pd.DataFrame, corner: str = "run") -> str:
-    """A frame of strings as plain text: run names left, values right, metric columns named as in the README."""
+    """A frame of strings as plain text: run names left, values right, metric columns named as in the results table."""
     frame = frame.rename(columns=dict(zip(COLUMNS, HEADERS)))
     frame.columns.name = corner  # printed in the index's header cell
     return frame.to_string()

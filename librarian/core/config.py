@@ -103,7 +103,7 @@ class CleanParams(Section):
                                              rule="below max_chars")]
     max_chars: Annotated[PositiveInt, doc("stories longer than this are dropped (TinyStories never come close)")]
     drop_fragments: Annotated[bool, doc(
-        "drop stories cut off mid-sentence: no sentence-final punctuation, in any script (README, Cleaning rules)")]
+        "drop stories cut off mid-sentence: no sentence-final punctuation, in any script (docs/cleaning.md)")]
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -222,7 +222,7 @@ class TrainParams(LearningRateSchedule):
     optimizer: Annotated[Literal["adamw", "muon"], doc(
         "`adamw`: AdamW on every parameter (the card). `muon`: torch.optim.Muon on the blocks' 2-D weight "
         "matrices at muon_lr, AdamW at lr on the embeddings, norms and biases (modded-nanogpt's split; "
-        "README, Speedrun)")]
+        "docs/training.md, Speedrun)")]
     muon_lr: Annotated[float, Field(gt=0), doc(
         "`muon`: the peak lr of the blocks' matrices, scaled by the schedule as lr is; "
         "Muon's weight decay is weight_decay")]
@@ -247,7 +247,7 @@ class TrainParams(LearningRateSchedule):
         "torch.compile the model; its dropout masks then come from a counter-based hash fused into the kernels "
         "(same Bernoulli masks, another random stream), and with fused_loss each chunk's softmax and gradient is "
         "one compiled kernel. The fastest setup on a 2-core CPU, with fused_loss and `model.attention: manual`: "
-        "about 3x the card's eager path (README, Training throughput)")]
+        "about 3x the card's eager path (docs/scale.md, Training throughput)")]
     fused_loss: Annotated[bool, doc(
         "the output head and the cross-entropy computed in row chunks: same maths, about 1.8x faster training "
         "on a 2-core CPU")]
@@ -263,7 +263,7 @@ class TrainParams(LearningRateSchedule):
     # Pretraining on conversations too: librarian/training/mixture.py.
     chat_share: Annotated[Share, doc(
         "share of each epoch's training windows drawn from the train conversations (data/chat_tokens), the rest "
-        "stories; 0 = stories only, the card's run byte for byte (README, Chat in pretraining)")]
+        "stories; 0 = stories only, the card's run byte for byte (docs/chat.md, Chat in pretraining)")]
     chat_windows: Annotated[Literal["stream", "aligned"], doc(
         "where conversation windows lie: every train.stride tokens of the conversations' stream, or one at each "
         "conversation's start (the request always in view)")]
@@ -354,7 +354,7 @@ class FinetuneParams(LearningRateSchedule):
     weight_decay: WeightDecay
     grad_clip: GradClip
     stride: Annotated[PositiveInt, doc(
-        "new reply tokens per window after a reply's first one (librarian/data/chat_tokens.py; README, Chat "
+        "new reply tokens per window after a reply's first one (librarian/data/chat_tokens.py; docs/chat.md, Chat "
         "fine-tuning)", rule="at most the base model's context (checked when fine-tuning starts)")]
     reply_windows: Annotated[Literal["first", "all"], doc(
         "`first`: only each reply's first window, the one with the request in view; `all`: every reply window")]
@@ -373,7 +373,7 @@ class EvaluateChatParams(SamplingParams):
 class Params(Section):
     seed: Annotated[NonNegativeInt, doc("seeds every random choice (subsample, split, training)")]
     data: Annotated[DataParams, doc("Where the stories come from, and the share held out for validation and test.")]
-    clean: Annotated[CleanParams, doc("Which stories the clean stage keeps (README, Cleaning rules).")]
+    clean: Annotated[CleanParams, doc("Which stories the clean stage keeps (docs/cleaning.md).")]
     tokenizer: Annotated[TokenizerParams, doc("The byte-level BPE tokenizer, trained on the clean train stories.")]
     tokenize: Annotated[TokenizeParams, doc("Encoding the splits into token files.")]
     model: Annotated[ModelParams, doc(
@@ -385,7 +385,7 @@ class Params(Section):
     samples: Annotated[SamplesParams, doc("Generations for fixed prompts: the samples stage writes "
                                           "metrics/samples.md.")]
     chat_data: Annotated[ChatDataParams, doc(
-        "Conversations built from the clean stories: each reply is a real story (README, Chat fine-tuning).")]
+        "Conversations built from the clean stories: each reply is a real story (docs/chat.md, Chat fine-tuning).")]
     finetune: Annotated[FinetuneParams, doc(
         "Chat fine-tuning, from data/model. These keys replace train's; the other train keys (precision, device, "
         "threads, compile, fused loss, betas, accumulation, checkpoints, curves) apply as they are, except "

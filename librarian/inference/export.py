@@ -32,7 +32,7 @@ from librarian.core import paths
 from librarian.core.paths import WRITABLE
 from librarian.data.tokenizer import EOT, PAD, file_sha256
 
-INSTALL_HINT = "pip install -e '.[export]'"  # from the project's clone, as the README says
+INSTALL_HINT = "pip install -e '.[export]'"  # from the project's clone, as docs/export.md says
 # Written into every export, last: a folder holding it (and only the files it lists) is one we may replace.
 MARKER = "librarian_export.json"
 # The only value of each option that GPT-2 can express.
