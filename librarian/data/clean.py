@@ -314,6 +314,8 @@ def clean_split(parquet: Path, writer: StoryWriter, params: CleanParams, seen: s
 # faster, 2 workers ran at 0.80x one process at 20 k stories, 1.11x at 40 k, 1.42x at 150 k on an
 # idle machine; screening is now 2.4x cheaper, so the break-even moves to about 75 k. With one core
 # busy with another job, 2 workers were slower at every size measured (0.54-0.63x at 40-150 k).
+# On an idle 2-core AMD EPYC (2026-12-06) 2 workers ran at 0.95x one process at 150 k (docs/scale.md):
+# where the break-even lies depends on the CPU; the outputs are the same bytes either way.
 PARALLEL_MIN_STORIES = 100_000
 
 
