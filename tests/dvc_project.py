@@ -1,5 +1,6 @@
 """A temporary git+dvc copy of the project, for tests that drive the real `dvc` command."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,14 +32,21 @@ def code_env() -> dict:
     return {**tool_env(), "PYTHONPATH": str(ROOT)}
 
 
-def run(cmd, cwd, **kw):
+def run(cmd, cwd, stdout_only: bool = False, **kw):
+    """`cmd`'s output (stdout then stderr; with `stdout_only`, stdout alone), asserting it succeeded."""
     result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=600, **kw)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+    return result.stdout if stdout_only else result.stdout + result.stderr
 
 
 def dvc(*args, cwd):
     return run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def dvc_json(*args, cwd):
+    """The JSON a `dvc ... --json` command prints on stdout: a library's warning on stderr (asyncssh's
+    CryptographyDeprecationWarning, say) must not break the parse."""
+    return json.loads(run([sys.executable, "-m", "dvc", *args], cwd, stdout_only=True))
 
 
 def ran(output):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dvc_project import copy_built, dvc, make_project, ran, run, set_params, tool_env
+from tests.dvc_project import copy_built, dvc, dvc_json, make_project, ran, run, set_params, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_metrics_json_has_every_metric(project):
     assert metrics["loss"] < np.log(1000)  # a dozen steps already beat a uniform guess
     summary = json.loads((project / "data" / "model" / "train.json").read_text())
     assert metrics["n_params"] == summary["n_params"] and summary["global_step"] == 12
-    shown = json.loads(dvc("metrics", "show", "--json", cwd=project))
+    shown = dvc_json("metrics", "show", "--json", cwd=project)
     assert "stories_in" in json.dumps(shown) and "top5_accuracy" in json.dumps(shown)
 
 
@@ -85,14 +85,14 @@ def test_metrics_diff_shows_a_param_change(project):
     set_params(project, **{"train.lr": 1.0e-3})
     assert ran(dvc("repro", cwd=project)) == ["train", "evaluate", "samples", "finetune", "evaluate_chat",
                                               "chat_samples"]
-    assert "metrics/samples.md" in json.dumps(json.loads(dvc("diff", "--json", cwd=project))["modified"])
-    diff = json.loads(dvc("metrics", "diff", "--json", cwd=project))
+    assert "metrics/samples.md" in json.dumps(dvc_json("diff", "--json", cwd=project)["modified"])
+    diff = dvc_json("metrics", "diff", "--json", cwd=project)
     changed = diff["metrics/metrics.json"]
     assert changed["loss"]["diff"] != 0 and changed["top1_accuracy"]["old"] != changed["top1_accuracy"]["new"]
     # The chat metrics of both models, side by side in the same diff.
     chat = diff["metrics/chat.json"]
     assert chat["base.story_loss"]["diff"] != 0 and chat["finetuned.reply_loss"]["diff"] != 0
-    params_diff = json.loads(dvc("params", "diff", "--json", cwd=project))
+    params_diff = dvc_json("params", "diff", "--json", cwd=project)
     assert (params_diff["params.yaml"]["train.lr"]["old"], params_diff["params.yaml"]["train.lr"]["new"]) == (0.003, 0.001)
     run(["git", "checkout", "--", "."], project)
     dvc("checkout", cwd=project)
@@ -173,7 +173,7 @@ def test_a_finetune_param_reruns_only_the_chat_stages(project):
     set_params(project, **{"finetune.lr": 3.0e-3})
     try:
         assert ran(dvc("repro", cwd=project)) == ["finetune", "evaluate_chat", "chat_samples"]
-        chat = json.loads(dvc("metrics", "diff", "--json", cwd=project))["metrics/chat.json"]
+        chat = dvc_json("metrics", "diff", "--json", cwd=project)["metrics/chat.json"]
         assert "base.reply_loss" not in chat and chat["finetuned.reply_loss"]["diff"] != 0
     finally:
         run(["git", "checkout", "--", "."], project)

@@ -8,7 +8,6 @@ throwaway key and its own sshd_config in a temporary folder; DVC talks to it thr
 
 import getpass
 import importlib.util
-import json
 import socket
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dvc_project import copy_built, dvc, files_under, lock_outputs, ran, run
+from tests.dvc_project import copy_built, dvc, dvc_json, files_under, lock_outputs, ran, run
 
 SSHD = Path("/usr/sbin/sshd")  # an absolute path: sshd re-executes itself and refuses a relative one
 PRIVSEP_DIR = Path("/run/sshd")  # sshd exits without it; the Debian service makes it, a bare sshd does not
@@ -123,7 +122,7 @@ def test_push_then_pull_over_ssh_into_a_fresh_clone(sshd, built_project, tmp_pat
         assert files_under(two, path) == files_under(one, path), path
     assert "up to date" in dvc("status", cwd=two)
     assert "are in sync" in dvc("status", "--cloud", cwd=two)  # the remote has every hash in dvc.lock
-    assert json.loads(dvc("data", "status", "--json", "--not-in-remote", cwd=two)) == {}
+    assert dvc_json("data", "status", "--json", "--not-in-remote", cwd=two) == {}
     out = dvc("repro", cwd=two)
     assert ran(out) == [] and "Running stage" not in out, out
     assert (two / "metrics" / "metrics.json").read_bytes() == (one / "metrics" / "metrics.json").read_bytes()
