@@ -4,7 +4,8 @@ Each request is the first turn of a chat, sent and stopped as `librarian chat` d
 own, not part of librarian/evaluation/samples.py, so that the samples stage does not depend on librarian/inference/chat.py.
 """
 
-from librarian.inference.chat import STOP_STRINGS, render_prompt
+from librarian.data.chat_template import render_prompt
+from librarian.inference.chat import STOP_STRINGS
 from librarian.evaluation.samples import Layout
 
 CHAT_SAMPLES = Layout(

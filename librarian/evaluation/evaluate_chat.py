@@ -40,7 +40,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from librarian.inference.chat import ChatSession, Turn
+from librarian.data.chat_template import Turn
+from librarian.inference.chat import ChatSession
 from librarian.data.chat_tokens import chat_token_file, read_chat, reply_nats
 from librarian.model.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
 from librarian.core.config import Params

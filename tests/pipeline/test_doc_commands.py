@@ -15,16 +15,10 @@ import shlex
 import pytest
 import yaml
 
+from librarian.cli.dvc_cli import dotted
 from librarian.cli.main import build_parser
 from tests.doc_commands import LIBRARIAN_COMMANDS, NOT_RUN, PARSE_ONLY, RUN, SKIPPED, commands
 from tests.helpers import ROOT
-
-def params_keys(raw: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for key, value in raw.items():
-        keys |= params_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-    return keys
-
 
 def test_every_command_is_checked():
     skipped = {c for c in commands() if c in SKIPPED or c.startswith(("pip install", "python3 -m venv"))}
@@ -49,7 +43,7 @@ def test_commands_that_cannot_run_here_parse(command):
 
 
 def test_dvc_overrides_name_params_and_scripts_exist():
-    keys = params_keys(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    keys = set(dotted(yaml.safe_load((ROOT / "params.yaml").read_text())))
     for command in commands():
         words = shlex.split(command)
         if words[:3] == ["dvc", "exp", "run"]:
