@@ -1,7 +1,7 @@
 """Stage chat_data: conversations built from the clean stories, one row per turn, every reply a real story."""
 
-from librarian.data.chat_data import build_chat_data
 from librarian.core.stage import parse, run_stage
+from librarian.data.chat_data import build_chat_data
 
 
 @run_stage

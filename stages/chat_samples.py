@@ -1,8 +1,8 @@
 """Stage chat_samples: the chat model's replies to the fixed requests of params.chat_samples, into a Markdown file."""
 
+from librarian.core.stage import parse, run_stage
 from librarian.evaluation.chat_samples import CHAT_SAMPLES
 from librarian.evaluation.samples import write_samples
-from librarian.core.stage import parse, run_stage
 
 
 @run_stage

@@ -1,7 +1,7 @@
 """Stage chat_tokens: the train conversations (every variant) as token arrays, for pretraining with train.chat_share."""
 
-from librarian.data.chat_tokens import build_chat_tokens
 from librarian.core.stage import parse, run_stage
+from librarian.data.chat_tokens import build_chat_tokens
 
 
 @run_stage

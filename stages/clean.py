@@ -1,7 +1,7 @@
 """Stage clean: normalise and filter stories, then split them into train/val/test."""
 
-from librarian.data.clean import clean_corpus
 from librarian.core.stage import parse, run_stage
+from librarian.data.clean import clean_corpus
 
 
 @run_stage

@@ -1,7 +1,7 @@
 """Stage download: read the corpus named by data.source into parquet splits."""
 
-from librarian.data.sources import download
 from librarian.core.stage import parse, run_stage
+from librarian.data.sources import download
 
 
 @run_stage

@@ -1,8 +1,8 @@
 """Stage evaluate: score the trained model on the test split (and val) into a metrics file."""
 
-from librarian.evaluation.evaluate import evaluate_model
 from librarian.core.io import write_json
 from librarian.core.stage import parse, run_stage
+from librarian.evaluation.evaluate import evaluate_model
 
 
 @run_stage

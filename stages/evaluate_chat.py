@@ -1,8 +1,8 @@
 """Stage evaluate_chat: the base and the fine-tuned model on the chat test conversations, into a metrics file."""
 
-from librarian.evaluation.evaluate_chat import evaluate_chat
 from librarian.core.io import write_json
 from librarian.core.stage import parse, run_stage
+from librarian.evaluation.evaluate_chat import evaluate_chat
 
 
 @run_stage

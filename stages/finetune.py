@@ -1,7 +1,7 @@
 """Stage finetune: fine-tune the trained model on the chat conversations (loss on the replies only)."""
 
-from librarian.training.finetune import finetune
 from librarian.core.stage import parse, run_stage
+from librarian.training.finetune import finetune
 from librarian.training.train import TrainPaths
 
 

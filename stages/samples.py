@@ -1,7 +1,7 @@
 """Stage samples: continue the fixed prompts of params.samples with the trained model, into a Markdown file."""
 
-from librarian.evaluation.samples import write_samples
 from librarian.core.stage import parse, run_stage
+from librarian.evaluation.samples import write_samples
 
 
 @run_stage

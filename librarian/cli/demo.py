@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from librarian.core.config import parse_params
 from librarian.cli.dvc_cli import dotted, dvc_command
+from librarian.core.config import parse_params
 from librarian.core.errors import LibrarianError
 
 DEMO_PARAMS = Path("demo.yaml")

@@ -56,12 +56,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from librarian.data import words
 from librarian.core.config import REQUEST_KINDS, ChatDataParams, Params
 from librarian.core.errors import LibrarianError
-from librarian.data.external_sort import PositionSort, Spill, table_writer
 from librarian.core.io import atomic_dir, open_stories, story_batches, write_json
 from librarian.core.rng import rng_for
+from librarian.data import words
+from librarian.data.external_sort import PositionSort, Spill, table_writer
 
 SPLITS = ("train", "val", "test")
 

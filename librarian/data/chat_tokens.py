@@ -42,12 +42,12 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer
 
-from librarian.data.chat_template import ASSISTANT, USER, Turn, render_turn
-from librarian.data.windows import TokenFile, WindowPlan, Windows, window_nats
 from librarian.core.errors import LibrarianError
 from librarian.core.io import atomic_dir, write_json
+from librarian.data.chat_template import ASSISTANT, USER, Turn, render_turn
 from librarian.data.tokenizer import EOT, file_sha256, load_tokenizer
 from librarian.data.tokens import DTYPE
+from librarian.data.windows import TokenFile, WindowPlan, Windows, window_nats
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("conversation", "turn", "kind", "request", "reply")

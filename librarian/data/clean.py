@@ -23,9 +23,17 @@ import regex
 
 from librarian.core.config import CleanParams, Params
 from librarian.core.errors import LibrarianError
-from librarian.core.io import STORY_SCHEMA, StoryWriter, atomic_dir, open_stories, story_batches, story_writer, write_json
-from librarian.data.parallel import Workers, available_cores, worker_pool
+from librarian.core.io import (
+    STORY_SCHEMA,
+    StoryWriter,
+    atomic_dir,
+    open_stories,
+    story_batches,
+    story_writer,
+    write_json,
+)
 from librarian.core.rng import rng_for
+from librarian.data.parallel import Workers, available_cores, worker_pool
 
 # --- normalising rules -------------------------------------------------------------------------
 

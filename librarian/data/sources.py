@@ -34,6 +34,7 @@ import pyarrow as pa
 from librarian.core.errors import LibrarianError
 from librarian.core.io import StoryWriter, atomic_dir, story_writer, write_json
 from librarian.core.progress import progress_bar
+
 # read_shard: for tests and benchmarks, which read small shards whole
 from librarian.data.shards import SUFFIXES, first_line, read_shard, shard_batches, text_field  # noqa: F401
 

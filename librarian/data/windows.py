@@ -31,7 +31,6 @@ from librarian.core.errors import LibrarianError
 from librarian.core.rng import rng_for
 from librarian.data.tokens import DTYPE
 
-
 # The target id cross-entropy skips (torch's ignore_index): what a loss mask turns targets into.
 IGNORE = -100
 

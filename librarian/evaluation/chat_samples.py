@@ -5,8 +5,8 @@ own, not part of librarian/evaluation/samples.py, so that the samples stage does
 """
 
 from librarian.data.chat_template import render_prompt
-from librarian.inference.chat import STOP_STRINGS
 from librarian.evaluation.samples import Layout
+from librarian.inference.chat import STOP_STRINGS
 
 CHAT_SAMPLES = Layout(
     section="chat_samples",

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 from librarian.core.config import Params
-from librarian.data.windows import TokenFile, check_vocab, load_tokens
 from librarian.core.errors import LibrarianError
-from librarian.model.gpt import GPT
 from librarian.core.progress import progress_bar
 from librarian.core.threads import resolve_threads, using_threads
+from librarian.data.windows import TokenFile, check_vocab, load_tokens
+from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
+from librarian.model.gpt import GPT
 
 TOP_K = (1, 5, 10)
 SPLITS = ("test", "val", "official_validation")  # test gives the flat keys; the others are nested

@@ -40,18 +40,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from librarian.data.chat_template import Turn
-from librarian.inference.chat import ChatSession
-from librarian.data.chat_tokens import chat_token_file, read_chat, reply_nats
-from librarian.model.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
 from librarian.core.config import Params
-from librarian.data.windows import TokenFile
 from librarian.core.errors import LibrarianError
-from librarian.evaluation.evaluate import evaluate_split, in_order, round_significant
-from librarian.inference.generate import GenerationOptions, Generator, nth_seed
 from librarian.core.progress import progress_bar
 from librarian.core.threads import resolve_threads, using_threads
+from librarian.data.chat_template import Turn
+from librarian.data.chat_tokens import chat_token_file, read_chat, reply_nats
+from librarian.data.windows import TokenFile
 from librarian.data.words import mentions
+from librarian.evaluation.evaluate import evaluate_split, in_order, round_significant
+from librarian.inference.chat import ChatSession
+from librarian.inference.generate import GenerationOptions, Generator, nth_seed
+from librarian.model.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
 
 MODELS = ("base", "finetuned")
 KINDS = ("words", "character")  # the request kinds whose replies can be checked

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from librarian.core.config import SamplesParams
 from librarian.core.errors import LibrarianError
-from librarian.inference.generate import GenerationOptions, Generator
 from librarian.core.io import write_text
 from librarian.core.threads import resolve_threads, using_threads
 from librarian.data.tokenizer import file_sha256
+from librarian.inference.generate import GenerationOptions, Generator
 
 
 def display_path(path: str | Path) -> str:

@@ -22,15 +22,15 @@ import torch
 import yaml
 
 from librarian import __version__
-from librarian.model.checkpoint import read_config
+from librarian.core import paths
 from librarian.core.config import REQUIRED_SPECIAL_TOKENS
 from librarian.core.errors import LibrarianError
-from librarian.inference.generate import Generator
 from librarian.core.io import atomic_dir, ordinary_mode, write_json
-from librarian.model.gpt import GPT, GPTConfig
-from librarian.core import paths
 from librarian.core.paths import WRITABLE
 from librarian.data.tokenizer import EOT, PAD, file_sha256
+from librarian.inference.generate import Generator
+from librarian.model.checkpoint import read_config
+from librarian.model.gpt import GPT, GPTConfig
 
 INSTALL_HINT = "pip install -e '.[export]'"  # from the project's clone, as docs/export.md says
 # Written into every export, last: a folder holding it (and only the files it lists) is one we may replace.

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from librarian.core.errors import LibrarianError
-from librarian.model.gpt import GPT
 from librarian.data.tokenizer import EOT
-
+from librarian.model.gpt import GPT
 
 # torch's generator takes a 64-bit seed; a signed one is what every caller (and JSON) can carry.
 MAX_SEED = 2**63 - 1
@@ -268,8 +267,8 @@ class Generator:
 
     @classmethod
     def load(cls, model_path: str | Path, tokenizer_path: str | Path, device: str = "cpu") -> "Generator":
-        from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
         from librarian.data.tokenizer import file_sha256, load_tokenizer
+        from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 
         tokenizer = load_tokenizer(tokenizer_path)
         model = load_weights(model_path, device=device)

@@ -31,11 +31,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from librarian.inference.batching import FINISH_ERROR, Engine, Job, log
-from librarian.data.chat_template import Turn
-from librarian.inference.chat import STOP_STRINGS, ReplyTrim, fit_prompt, prompt_budget, strip_controls
 from librarian.core.errors import LibrarianError
-from librarian.inference.generate import FINISH_LENGTH, FINISH_STOP, MAX_SEED, GenerationOptions, Generator, TextStream, nth_seed
+from librarian.data.chat_template import Turn
+from librarian.inference.batching import FINISH_ERROR, Engine, Job, log
+from librarian.inference.chat import STOP_STRINGS, ReplyTrim, fit_prompt, prompt_budget, strip_controls
+from librarian.inference.generate import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    MAX_SEED,
+    GenerationOptions,
+    Generator,
+    TextStream,
+    nth_seed,
+)
 
 MAX_CHOICES = 16
 MAX_STOPS = 4

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from librarian.data.chat_tokens import chat_token_file, read_chat
-from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 from librarian.core.config import FinetuneParams, ModelParams, Params, TrainParams, check_positions
 from librarian.core.errors import LibrarianError
+from librarian.data.chat_tokens import chat_token_file, read_chat
+from librarian.data.tokenizer import file_sha256, load_tokenizer
+from librarian.model.checkpoint import check_same_tokenizer, load_weights, read_tokenizer_sha256
 from librarian.model.gpt import GPT, GPTConfig
 from librarian.training.runtime import setup_runtime
-from librarian.data.tokenizer import file_sha256, load_tokenizer
 from librarian.training.train import Progress, Trainer, TrainPaths, run_locked
 
 # The finetune keys that replace train's: every key the two sections share, derived so that a key added

@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from librarian.data.chat_tokens import ChatTokens
 from librarian.core.config import TrainParams
-from librarian.data.windows import WindowPlan, Windows
 from librarian.core.rng import rng_for
+from librarian.data.chat_tokens import ChatTokens
 from librarian.data.tokens import DTYPE
+from librarian.data.windows import WindowPlan, Windows
 
 
 def cyclic_take(n: int, start: int, count: int, seed: int, purpose: str) -> np.ndarray:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from librarian.training import distributed
 from librarian.core.config import TrainParams
 from librarian.core.environment import make_deterministic
 from librarian.core.errors import LibrarianError
+from librarian.training import distributed
 
 
 @dataclass(frozen=True)

@@ -31,21 +31,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from librarian.training import distributed
-from librarian.training.batches import batch_at, cap_reason, plan_run
-from librarian.model.checkpoint import TrainState, save_weights
 from librarian.core.config import Params
-from librarian.data.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
-from librarian.data.windows import IGNORE, TokenFile, Windows, load_train_val, window_nats
 from librarian.core.environment import describe
 from librarian.core.errors import LibrarianError
-from librarian.model.fused_loss import linear_cross_entropy
 from librarian.core.io import atomic_dir, remove_dir, write_json
-from librarian.training.mixture import Mixture, chat_windows
-from librarian.model.gpt import GPT, GPTConfig
-from librarian.training.optimizer import build_optimizer, lr_at, set_lr
 from librarian.core.process import deferred_stops, lock_folder
 from librarian.core.progress import progress_bar
+from librarian.data.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
+from librarian.data.windows import IGNORE, TokenFile, Windows, load_train_val, window_nats
+from librarian.model.checkpoint import TrainState, save_weights
+from librarian.model.fused_loss import linear_cross_entropy
+from librarian.model.gpt import GPT, GPTConfig
+from librarian.training import distributed
+from librarian.training.batches import batch_at, cap_reason, plan_run
+from librarian.training.mixture import Mixture, chat_windows
+from librarian.training.optimizer import build_optimizer, lr_at, set_lr
 from librarian.training.runtime import Runtime, setup_runtime
 
 # Keys that change how a run is carried out but not its result: a state saved under other values
