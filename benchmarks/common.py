@@ -34,6 +34,19 @@ RETRIES = 4
 # --- the machine ---------------------------------------------------------------------------------
 
 
+def cpu_precision() -> dict:
+    """What every report says of the CPU's precision: torch's capability name, whether the policy
+    (librarian/core/precision.py) finds native bf16, and LIBRARIAN_CPU_BF16 when it forces the answer."""
+    import os
+
+    import torch
+
+    from librarian.core.precision import CPU_BF16_ENV, cpu_has_native_bf16, hardware_cpu_bf16
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": hardware_cpu_bf16(),
+            "policy_cpu_bf16": cpu_has_native_bf16(), "forced": os.environ.get(CPU_BF16_ENV) or None}
+
+
 def cpu_name() -> str:
     """The CPU's model name as lscpu shows it."""
     try:

@@ -10,7 +10,7 @@ train split, and the next --stories // 4 as the test split, by the pipeline's ow
 random weights: speed does not depend on what they say.
 
 Training: librarian.training.train.Trainer with params.yaml as it is (the card's config: batch 32 x 128
-tokens, bf16 autocast, AdamW, train.threads 0 = torch's default of one thread per core), timed over
+tokens, train.amp as the policy resolves it (bf16 autocast on a CPU with native bf16, float32 else), AdamW, train.threads 0 = torch's default of one thread per core), timed over
 its real Trainer.step (train_step and the loop's accounting: the tokens credited are those of the batch
 taken); also on the scoring's thread count. Scoring: librarian.evaluation.evaluate.score_tokens
 on the test split at params.yaml's eval settings (stride 64, batch 64) on eval.threads (0 = auto,
@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import at, busy_core, card_config, cpu_name, cycled_step, medians  # noqa: E402
+from common import at, busy_core, card_config, cpu_name, cpu_precision, cycled_step, medians  # noqa: E402
 
 from librarian.core.config import load_params  # noqa: E402
+from librarian.core.precision import resolve_precision  # noqa: E402
 from librarian.data.windows import epoch_order, load_tokens  # noqa: E402
 from librarian.evaluation.evaluate import score_tokens  # noqa: E402
 from librarian.model.gpt import GPT  # noqa: E402
@@ -54,6 +55,7 @@ from librarian.training.train import TrainPaths, Trainer, build_trainer  # noqa:
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinystories" / "train-v2-part-000-cs336-sample5M.txt.gz"
 GOAL_RATIO = 2.0
+GOAL_NOT_SLOWER = 0.95  # default scoring / float32 trunk: "not slower", within the rounds' noise
 
 
 def make_tokens(corpus: Path, n_stories: int, params, work: Path) -> Path:
@@ -79,11 +81,13 @@ def training_rate(trainer: Trainer) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def scoring_rate(model: GPT, tokens: np.ndarray, eval_params, threads: int, bf16: bool = True) -> float:
-    """Tokens scored per second by the evaluate stage's scoring at eval's stride and batch size."""
+def scoring_rate(model: GPT, tokens: np.ndarray, eval_params, threads: int, amp: bool | None = None) -> float:
+    """Tokens scored per second by the evaluate stage's scoring at eval's stride and batch size, in
+    the precision eval.amp (or `amp`) resolves to on this CPU, as the stage does."""
+    precision = resolve_precision("cpu", eval_params.amp if amp is None else amp)
     start = time.perf_counter()
     counts = score_tokens(model, tokens, model.config.context_length, eval_params.stride, eval_params.batch_size,
-                          bf16=bf16, threads=threads)
+                          precision=precision, threads=threads)
     return counts["tokens"] / (time.perf_counter() - start)
 
 
@@ -103,7 +107,7 @@ def compare(args, params, work: Path) -> dict:
         "training": lambda: at(train_threads, lambda: training_rate(trainer)),
         f"training_{eval_threads}_threads": lambda: at(eval_threads, lambda: training_rate(trainer)),
         "scoring": lambda: scoring_rate(model, test, params.eval, eval_threads),
-        "scoring_fp32_trunk": lambda: scoring_rate(model, test, params.eval, eval_threads, bf16=False),
+        "scoring_fp32_trunk": lambda: scoring_rate(model, test, params.eval, eval_threads, amp=False),
         f"scoring_{other}_threads": lambda: scoring_rate(model, test, params.eval, other),
     }
     if train_threads == eval_threads:
@@ -123,6 +127,10 @@ def compare(args, params, work: Path) -> dict:
         report[f"scoring_over_training_on_{eval_threads}_threads"] = round(
             rates["scoring"] / rates[f"training_{eval_threads}_threads"], 2)
     report["goal_scoring_ge_2x_training"] = report["scoring_over_training"] >= GOAL_RATIO
+    # The default scoring (eval.amp as resolved here) is not slower than the float32 trunk.
+    report["scoring_precision"] = resolve_precision("cpu", params.eval.amp).name
+    report["scoring_over_fp32_trunk"] = round(rates["scoring"] / rates["scoring_fp32_trunk"], 2)
+    report["goal_default_scoring_ge_fp32"] = report["scoring_over_fp32_trunk"] >= GOAL_NOT_SLOWER
     return report
 
 
@@ -151,7 +159,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sweep-widths", help="comma-separated d_model values: score on 1 thread and on every core")
     args = parser.parse_args()
-    report = {"cpu": cpu_name(), "cores": available_cores(), "repeats": args.repeats}
+    report = {"cpu": cpu_name(), **cpu_precision(), "cores": available_cores(), "repeats": args.repeats}
     if args.sweep_widths:
         report["sweep"] = sweep_widths([int(w) for w in args.sweep_widths.split(",")], args)
     else:

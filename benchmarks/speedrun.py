@@ -11,7 +11,7 @@ What it does, per recipe (params.yaml with the recipe's keys overridden, validat
     schedule and data order as `dvc repro`) on the token files of a real-data run (--tokens: the
     folder the tokenize stage wrote; train.bin, val.bin and test.bin are read);
   * every --check-every optimizer steps (and at the recipe's last step) it scores the validation
-    split as the evaluate stage scores the test split (sliding windows of eval.stride, bf16 trunk)
+    split as the evaluate stage scores the test split (sliding windows of eval.stride, trunk in eval.amp's precision)
     and stops the run the first time the validation perplexity is <= --target (12.76, the card's);
   * it then scores the test split with the weights of that step: the confirmation.
 
@@ -42,6 +42,7 @@ from common import cpu_name  # benchmarks/common.py: its folder is on sys.path w
 from librarian.core.config import Params, load_params, parse_params
 from librarian.data.windows import load_tokens
 from librarian.core.errors import LibrarianError
+from librarian.core.precision import resolve_precision
 from librarian.evaluation.evaluate import metrics_from_counts, score_tokens
 from librarian.core.threads import available_cores, resolve_threads
 from librarian.training.train import Trainer, TrainPaths, build_trainer
@@ -120,7 +121,7 @@ class Watch:
         # but they are most of the benchmark's wall time.
         threads = resolve_threads(ev.threads, model.config.d_model, "eval.threads", batched=True)
         counts = score_tokens(model, split.tokens, model.config.context_length, ev.stride, ev.batch_size,
-                              trainer.device, threads=threads)
+                              trainer.device, precision=resolve_precision(trainer.device, ev.amp), threads=threads)
         return metrics_from_counts(counts, split.meta["utf8_bytes"])
 
     def __call__(self, trainer: Trainer) -> None:

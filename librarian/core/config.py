@@ -231,7 +231,10 @@ class TrainParams(LearningRateSchedule):
         "how the weights start: `gpt2` (the card: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)) "
         "or `zero_proj` (the same, with the projections into the residual stream at zero, as modded-nanogpt)")]
     grad_accum: Annotated[PositiveInt, doc("micro-batches per optimizer step")]
-    amp: Annotated[bool, doc("mixed precision: bf16 on CPU, fp16 on CUDA")]
+    amp: Annotated[bool, doc(
+        "mixed precision where the hardware has it: bf16 on a CPU with native bf16 (AVX512-BF16, AMX), float32 on "
+        "one without (one line says so); on CUDA bf16 from compute capability 8.0, fp16 with loss scaling before. "
+        "The precision used is recorded in train.json and metrics/train/metrics.json")]
     max_epochs: MaxEpochs
     patience: Annotated[PositiveInt, doc("epochs without a better validation loss before early stopping")]
     stride: Annotated[PositiveInt, doc("step between training windows of context_length + 1 tokens",
@@ -286,6 +289,9 @@ class EvalParams(Section):
     batch_size: Annotated[PositiveInt, doc("windows per evaluation batch")]
     threads: Annotated[NonNegativeInt, doc(
         "CPU threads scoring batches side by side, one torch thread each; 0 = auto: one per core, at most 8")]
+    amp: Annotated[bool, doc(
+        "the transformer trunk in bf16 where the CPU has native bf16 (as train.amp resolves); float32 elsewhere "
+        "and when false. The output head is float32 always; bf16 moves the metrics by up to 1e-3")]
 
 
 class SamplingParams(Section):

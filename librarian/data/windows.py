@@ -4,7 +4,7 @@ Two windowings score a split, on purpose. Windows (here) makes the train stage's
 validation loss: the val split in windows of model.context_length placed end to end (stride =
 context_length), float32. The evaluate stage slides its own windows (window_plan in
 librarian/evaluation/evaluate.py) eval.stride tokens at a time, each scoring only the targets the
-previous ones did not reach, the last one aligned to the split's end, the trunk under bf16 autocast.
+previous ones did not reach, the last one aligned to the split's end, the trunk in eval.amp's precision.
 So the val loss in metrics/train (and train.json's best_val_loss) is not the evaluate stage's loss
 on the same val split (metrics.json's "val"), and on real text it is usually higher: in end-to-end
 windows a target sees on average half a window of context, under evaluate's stride every target

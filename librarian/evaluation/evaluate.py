@@ -15,7 +15,8 @@ early stopping and the choice of the best checkpoint, these figures report the m
 (librarian/data/windows.py says more).
 
 Speed (benchmarks/evaluate_throughput.py: ~3x training's tokens/s on 2 cores, against ~1x before):
-scoring runs under inference mode, the transformer trunk under bf16 autocast, and the output head
+scoring runs under inference mode, the transformer trunk in eval.amp's precision (bf16 autocast where
+the hardware has native bf16, librarian/core/precision.py; float32 elsewhere), and the output head
 only on the positions a window scores, a chunk of rows at a time: with eval.stride 64 and context
 128, half of each window's positions are context only, and the head is most of the model's work.
 The head and everything after it stay float32: with bf16 logits, near-ties reorder the top-k and
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from librarian.core.config import Params
 from librarian.core.errors import LibrarianError
+from librarian.core.precision import Precision, resolve_precision
 from librarian.core.progress import progress_bar
 from librarian.core.threads import resolve_threads, using_threads
 from librarian.data.windows import TokenFile, check_vocab, load_tokens
@@ -99,18 +101,19 @@ def score_tokens(
     batch_size: int,
     device: str | torch.device = "cpu",
     desc: str | None = None,
-    bf16: bool = True,
+    precision: Precision | None = None,
     threads: int = 1,
 ) -> dict:
     """Sums over every predicted token: nats of cross-entropy, the token count and top-k hits.
 
-    `model` needs GPT's hidden() and lm_head; bf16=False runs the trunk in float32 too. Batches
-    are scored `threads` at a time, each on one torch thread (see in_order).
+    `model` needs GPT's hidden() and lm_head; the trunk runs in `precision` (None: float32), the
+    head in float32 always. Batches are scored `threads` at a time, each on one torch thread (see in_order).
     """
+    precision = precision or resolve_precision(device, amp=False)
     counts = {"nats": 0.0, "tokens": 0, **{f"top{k}": 0 for k in TOP_K}}
     n_windows = len(window_plan(len(tokens), context_length, stride)[1])
     batches = scored_batches(tokens, context_length, stride, batch_size)
-    score = functools.partial(batch_counts, model, device=device, bf16=bf16)
+    score = functools.partial(batch_counts, model, device=device, precision=precision)
     was_training = model.training
     model.eval()  # no dropout; restored below so a training loop can call this mid-run
     try:
@@ -126,12 +129,12 @@ def score_tokens(
     return counts
 
 
-def batch_counts(model: GPT, batch: tuple[torch.Tensor, ...], device, bf16: bool) -> dict:
+def batch_counts(model: GPT, batch: tuple[torch.Tensor, ...], device, precision: Precision) -> dict:
     """One batch's sums (nats, tokens, top-k hits)."""
     x, y, keep = (t.to(device) for t in batch)
     counts = {"nats": 0.0, "tokens": 0, **{f"top{k}": 0 for k in TOP_K}}
     with torch.inference_mode():  # entered on the thread that runs the batch: the mode is thread-local
-        for logits, targets in scored_logits(model, x, y, keep, bf16):
+        for logits, targets in scored_logits(model, x, y, keep, precision):
             add_counts(counts, logits, targets)
     return counts
 
@@ -158,14 +161,14 @@ def in_order(fn, items: Iterator, threads: int) -> Iterator:
 
 
 def scored_logits(
-    model: GPT, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, bf16: bool
+    model: GPT, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, precision: Precision
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """float32 logits and targets of the scored positions only, HEAD_CHUNK rows at a time.
 
     Every position runs through the trunk (each is context for the later ones), but only the
     scored ones need the head, its (rows x vocab) logits and their softmax.
     """
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with precision.autocast():  # entered on the scoring thread: autocast is thread-local
         hidden = model.hidden(x)
     rows, targets = hidden[keep].float(), y[keep]
     head = model.lm_head.weight.float()
@@ -227,7 +230,8 @@ def check_split(split: TokenFile, path: Path, vocab_size: int) -> None:
         raise LibrarianError(f"sidecar of {path} lacks utf8_bytes; rerun `dvc repro -f tokenize`")
 
 
-def evaluate_split(model, path: Path, params: Params, device, model_path: Path, trained_with: str | None) -> dict:
+def evaluate_split(model, path: Path, params: Params, device, model_path: Path, trained_with: str | None,
+                   precision: Precision) -> dict:
     split = load_tokens(path)
     check_split(split, path, model.config.vocab_size)
     check_same_tokenizer(model_path, trained_with, split.meta.get("tokenizer_sha256"), f"token file {path}")
@@ -235,9 +239,16 @@ def evaluate_split(model, path: Path, params: Params, device, model_path: Path, 
     threads = resolve_threads(params.eval.threads, model.config.d_model, "eval.threads", batched=True)
     counts = score_tokens(
         model, split.tokens, model.config.context_length, params.eval.stride, params.eval.batch_size, device, path.stem,
-        threads=threads,
+        precision=precision, threads=threads,
     )
     return metrics_from_counts(counts, split.meta["utf8_bytes"])
+
+
+def scoring_precision(device, params: Params, stage: str) -> Precision:
+    """eval.amp resolved on `device`, with the stage's one line when the CPU has no native bf16."""
+    precision = resolve_precision(device, params.eval.amp)
+    precision.announce(stage, "scoring")
+    return precision
 
 
 def evaluate_model(model_path: str | Path, tokens_dir: str | Path, params: Params, device="cpu") -> dict:
@@ -250,13 +261,14 @@ def evaluate_model(model_path: str | Path, tokens_dir: str | Path, params: Param
             f"eval.stride ({params.eval.stride}) exceeds the model's context length ({context_length}), "
             "so tokens would be skipped; lower eval.stride"
         )
+    precision = scoring_precision(device, params, "evaluate")
     tokens_dir = Path(tokens_dir)
     result = {}
     for name in SPLITS:
         path = tokens_dir / f"{name}.bin"
         if name in OPTIONAL_SPLITS and not path.exists():
             continue
-        metrics = evaluate_split(model, path, params, device, Path(model_path), trained_with)
+        metrics = evaluate_split(model, path, params, device, Path(model_path), trained_with, precision)
         if name == "test":
             result.update(metrics)
         else:

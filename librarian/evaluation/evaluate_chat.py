@@ -48,7 +48,7 @@ from librarian.data.chat_template import Turn
 from librarian.data.chat_tokens import chat_token_file, read_chat, reply_nats
 from librarian.data.windows import TokenFile
 from librarian.data.words import mentions
-from librarian.evaluation.evaluate import evaluate_split, in_order, round_significant
+from librarian.evaluation.evaluate import evaluate_split, in_order, round_significant, scoring_precision
 from librarian.inference.chat import ChatSession
 from librarian.inference.generate import GenerationOptions, Generator, nth_seed
 from librarian.model.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
@@ -290,7 +290,7 @@ def reply_metrics(generator: Generator, tokens: TokenFile, params: Params) -> di
 def story_metrics(generator: Generator, model_path: Path, tokens_dir: Path, params: Params) -> dict:
     """The evaluate stage's test loss and perplexity on the story token file."""
     metrics = evaluate_split(generator.model, tokens_dir / "test.bin", params, "cpu", model_path,
-                             read_tokenizer_sha256(model_path))
+                             read_tokenizer_sha256(model_path), scoring_precision("cpu", params, "evaluate_chat"))
     return {"story_loss": metrics["loss"], "story_perplexity": metrics["perplexity"]}
 
 

@@ -194,14 +194,17 @@ class TrainState:
 
     STATE, LAST, BEST = "state.pt", "last.safetensors", "best.safetensors"
 
-    def __init__(self, model: GPT, optimizer, scaler, progress, fingerprint: str, device: torch.device):
+    def __init__(self, model: GPT, optimizer, scaler, progress, fingerprint: str, device: torch.device,
+                 precision: str):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.progress, self.fingerprint, self.device = progress, fingerprint, device
+        self.precision = precision  # "cpu/bf16": part of the fingerprint, kept readable to say why a state is not resumed
 
     def state_dict(self) -> dict:
         cuda = self.device.type == "cuda"
         return {
             "fingerprint": self.fingerprint,
+            "precision": self.precision,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None},
@@ -227,14 +230,16 @@ class TrainState:
             save_state(self.state_dict(), tmp / self.STATE)
 
     def load(self, folder: str | Path) -> str:
-        """Resume from `folder`: "" when resumed, else why not ("none", "other run")."""
+        """Resume from `folder`: "" when resumed, else why not ("none", "other run", or "other precision:
+        cpu/bf16" for a state saved on another device or in another precision)."""
         folder = Path(folder)
         recover_dir(folder)
         if not (folder / self.STATE).exists():
             return "none"
         state = load_state(folder / self.STATE)
         if state.get("fingerprint") != self.fingerprint:
-            return "other run"
+            saved = state.get("precision")
+            return f"other precision: {saved}" if saved and saved != self.precision else "other run"
         self.model.load_state_dict(load_weights(folder / self.LAST).state_dict())
         self.load_state_dict(state)
         return ""

@@ -13,6 +13,7 @@ import torch
 from librarian.core.config import TrainParams
 from librarian.core.environment import make_deterministic
 from librarian.core.errors import LibrarianError
+from librarian.core.precision import Precision, resolve_precision
 from librarian.training import distributed
 
 
@@ -21,23 +22,20 @@ class Runtime:
     rank: int
     world: int
     device: torch.device
-    amp: bool  # mixed precision: bf16 autocast on the CPU, fp16 with loss scaling on CUDA
+    precision: Precision  # librarian/core/precision.py: what train.amp resolves to on this device
 
     @property
     def is_main(self) -> bool:
         """Rank 0 writes checkpoints, curves and outputs; the others only compute."""
         return self.rank == 0
 
-    @property
-    def amp_dtype(self) -> torch.dtype:
-        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
-
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+        return self.precision.autocast()
 
     def grad_scaler(self) -> torch.amp.GradScaler:
-        # bf16 needs no loss scaling; fp16 on CUDA does.
-        return torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        # bf16 needs no loss scaling; fp16 does.
+        return torch.amp.GradScaler(self.device.type if self.device.type == "cuda" else "cpu",
+                                    enabled=self.precision.loss_scaling)
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,4 +58,4 @@ def setup_runtime(tp: TrainParams) -> Runtime:
         torch.set_num_threads(tp.threads)
     device = pick_device(tp.device)
     make_deterministic(device, tp.deterministic)
-    return Runtime(rank, world, device, tp.amp)
+    return Runtime(rank, world, device, resolve_precision(device, tp.amp))

@@ -1,7 +1,8 @@
 """The train stage: AdamW over sliding windows, validation every epoch, early stopping, resume.
 
-The defaults are the card's: AdamW at lr 1e-4, batch 32, no accumulation, bf16 autocast on the CPU
-(fp16 with a GradScaler on CUDA), early stopping after 5 epochs without a better validation loss,
+The defaults are the card's: AdamW at lr 1e-4, batch 32, no accumulation, mixed precision where
+the hardware has it (librarian/core/precision.py: bf16 autocast on a CPU with native bf16, float32 on
+one without; bf16 or fp16 with a GradScaler on CUDA), early stopping after 5 epochs without a better validation loss,
 the last and the best checkpoint kept.
 
 With train.chat_share, a share of every epoch's windows are the train split's conversations
@@ -35,6 +36,7 @@ from librarian.core.config import Params
 from librarian.core.environment import describe
 from librarian.core.errors import LibrarianError
 from librarian.core.io import atomic_dir, remove_dir, write_json
+from librarian.core.precision import Precision
 from librarian.core.process import deferred_stops, lock_folder
 from librarian.core.progress import progress_bar
 from librarian.data.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
@@ -51,6 +53,7 @@ from librarian.training.runtime import Runtime, setup_runtime
 # Keys that change how a run is carried out but not its result: a state saved under other values
 # of these is still resumable.
 _RESUME_NEUTRAL = ("checkpoint_every",)
+_ACTIVITY = {"train": "training", "finetune": "fine-tuning"}  # a stage's name -> what its precision line says it does
 
 
 @dataclass
@@ -112,11 +115,12 @@ class Progress:
 # --- setup -------------------------------------------------------------------------------------
 
 
-def fingerprint(params: Params, metas: list[dict], init: GPT | None = None) -> str:
-    """What a resumable state must match: every param that shapes the result, the data, and the
-    starting weights when training does not start from scratch."""
+def fingerprint(params: Params, metas: list[dict], precision: str, init: GPT | None = None) -> str:
+    """What a resumable state must match: every param that shapes the result, the data, the device
+    and precision it computes in ("cpu/bf16": train.amp alone does not say which), and the starting
+    weights when training does not start from scratch."""
     train = {k: v for k, v in params.train.model_dump().items() if k not in _RESUME_NEUTRAL}
-    blob = json.dumps([params.seed, params.model.model_dump(), train, metas], sort_keys=True)
+    blob = json.dumps([params.seed, params.model.model_dump(), train, metas, precision], sort_keys=True)
     digest = hashlib.sha256(blob.encode())
     if init is not None:
         for name, tensor in sorted(init.state_dict().items()):
@@ -184,7 +188,7 @@ class Trainer:
             Path(paths.model), Path(paths.state), Path(paths.curves), Path(paths.speed))
         self.tokenizer_sha256 = train.meta.get("tokenizer_sha256")
         self.fingerprint = fingerprint(params, [train.meta, val.meta] + [sha256_of(c.tokens, c.loss_mask) for c in chats],
-                                       init)
+                                       runtime.precision.tag, init)
         ctx = params.model.context_length
         self.train_windows = self._train_windows(train, chats)
         self.val_windows = Windows(val.tokens, ctx, ctx, val.loss_mask, val.plan)
@@ -226,11 +230,19 @@ class Trainer:
 
     # --- checkpoints ---
 
+    def _state(self) -> TrainState:
+        return TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device,
+                          self.runtime.precision.tag)
+
     def resume(self) -> bool:
-        state = TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device)
+        state = self._state()
         why_not = state.load(self.state_dir)
         if why_not == "other run":
             self._log("saved training state is for other params or data; starting afresh")
+        elif why_not.startswith("other precision"):
+            saved = why_not.split(": ", 1)[1]
+            self._log(f"saved training state ran on {saved}, this run computes on {state.precision}: "
+                      "another run, not resumed; starting afresh")
         if why_not:
             return False
         self.progress = p = state.progress
@@ -240,7 +252,7 @@ class Trainer:
     def checkpoint(self) -> None:
         """Save the whole training state atomically (rank 0 only)."""
         if self.rank == 0:
-            state = TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device)
+            state = self._state()
             state.save(self.state_dir, self.tokenizer_sha256)
         self._barrier()
 
@@ -321,6 +333,8 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     def run(self) -> Progress:
+        if self.rank == 0:
+            self.runtime.precision.announce(self.name, _ACTIVITY.get(self.name, "training"))
         self.resume()
         curves = _Curves(self.curves_dir, self.speed_dir, self.progress) if self.rank == 0 else None
         try:
@@ -348,7 +362,7 @@ class Trainer:
             self._add_point(curves)
         self._finish()
         if curves:
-            curves.end(p.global_step)
+            curves.end(p.global_step, self.runtime.precision)
 
     def _epochs(self, curves, bar, planned_epochs: int, stop) -> None:
         """The training loop proper: epochs of optimizer steps until a cap, early stopping or a stop request."""
@@ -418,6 +432,7 @@ class Trainer:
                        "point_loss_sum", "point_loss_count")
             summary = {k: v for k, v in asdict(p).items() if k not in running}
             summary.update(n_params=self.model.n_params(), steps_per_epoch=self.steps_per_epoch,
+                           precision=self.runtime.precision.name,
                            config=self.model.config.to_dict(), environment=describe(self.device))
             with atomic_dir(self.out_dir) as tmp:
                 shutil.copyfile(self.state_dir / TrainState.BEST, tmp / "model.safetensors")
@@ -501,11 +516,13 @@ class _Curves:
             # No timestamps: they would make identical runs produce different files.
             live.log_metric(name, record[name], timestamp=False)
 
-    def end(self, step: int) -> None:
-        """Write each folder's metrics.json (the last value of every curve) and close."""
-        for live, names in ((self.results, self.POINT + self.EPOCH), (self.speed, self.SPEED)):
+    def end(self, step: int, precision: Precision) -> None:
+        """Write each folder's metrics.json (the last value of every curve, and where the results
+        were computed: `dvc metrics diff` and `dvc exp show` show it beside the loss) and close."""
+        computed = {"device": precision.device_type, "precision": precision.name}
+        for live, names, extra in ((self.results, self.POINT + self.EPOCH, computed), (self.speed, self.SPEED, {})):
             # A fixed key order: a replayed run logs in another order than an uninterrupted one.
-            live.summary = {name: live.summary[name] for name in names if name in live.summary} | {"step": step}
+            live.summary = {name: live.summary[name] for name in names if name in live.summary} | {"step": step} | extra
             live.step = step
             live.end()
 

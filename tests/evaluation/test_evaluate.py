@@ -11,6 +11,7 @@ from torch import nn
 
 from librarian.model.checkpoint import save_weights
 from librarian.core.errors import LibrarianError
+from librarian.core.precision import Precision, resolve_precision
 from librarian.evaluation.evaluate import (add_counts, evaluate_model, metrics_from_counts, score_tokens, scored_batches,
                                 window_plan)
 from librarian.model.gpt import GPT
@@ -146,9 +147,9 @@ def test_stride_one_matches_naive_full_context_and_batching_is_invisible():
     ref = -sum(head[t - 1, tokens[t]].item() for t in range(1, ctx + 1))
     ref -= sum(tail[i, tokens[t]].item() for i, t in enumerate(range(ctx + 1, len(tokens))))
     tokens = tokens.astype(np.uint16)
-    one = score_tokens(model, tokens, ctx, 1, batch_size=64, bf16=False)  # float32: the reference's precision
+    one = score_tokens(model, tokens, ctx, 1, batch_size=64)  # no precision given: float32, the reference's
     assert one["nats"] == pytest.approx(ref, rel=1e-5)
-    batched = score_tokens(model, tokens, ctx, 1, batch_size=5, bf16=False)
+    batched = score_tokens(model, tokens, ctx, 1, batch_size=5)
     assert metrics_from_counts(batched, 100) == metrics_from_counts(one, 100)
 
 
@@ -167,7 +168,7 @@ def test_head_on_scored_positions_only_gives_the_full_heads_metrics(stride):
     torch.manual_seed(0)
     model = GPT(TINY).eval()
     tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, 200).astype(np.uint16)
-    ours = score_tokens(model, tokens, TINY.context_length, stride, batch_size=7, bf16=False)
+    ours = score_tokens(model, tokens, TINY.context_length, stride, batch_size=7)
     full = full_head_counts(model, tokens, TINY.context_length, stride, batch_size=7)
     assert ours["nats"] == pytest.approx(full["nats"], rel=1e-6)
     assert metrics_from_counts(ours, 400) == metrics_from_counts(full, 400)
@@ -183,13 +184,43 @@ def test_bf16_metrics_are_within_1e3_of_float32_on_the_fixture(built_project):
     for split in ["test", "val", "official_validation"]:
         tokens = load_tokens(built_project / "data" / "tokens" / f"{split}.bin")
         fp32, bf16 = (metrics_from_counts(score_tokens(model, tokens.tokens, model.config.context_length,
-                                                       params["stride"], params["batch_size"], bf16=bf16),
-                                          tokens.meta["utf8_bytes"]) for bf16 in (False, True))
+                                                       params["stride"], params["batch_size"],
+                                                       precision=Precision("cpu", dtype)),
+                                          tokens.meta["utf8_bytes"]) for dtype in (torch.float32, torch.bfloat16))
         assert bf16["tokens"] == fp32["tokens"] > 4000
         for key in ["loss", "top1_accuracy", "top5_accuracy", "top10_accuracy", "bits_per_byte"]:
             assert bf16[key] == pytest.approx(fp32[key], abs=1e-3), (split, key)
         # perplexity = exp(loss): 1e-3 relative (an absolute 1e-3 at perplexity ~560 would be 2e-6 relative)
         assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=1e-3), split
+
+
+@pytest.mark.parametrize(("native", "amp", "expected"), [(True, True, "bf16"), (False, True, "fp32"),
+                                                         (True, False, "fp32")])
+def test_the_evaluate_stage_scores_in_the_policys_precision(make_params, monkeypatch, capsys, native, amp, expected):
+    """eval.amp resolves as train.amp does: the bf16 trunk only where the CPU has native bf16, with
+    one line where it was asked for and not used."""
+    from librarian.core import precision as policy
+    from librarian.evaluation import evaluate
+
+    monkeypatch.delenv(policy.CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(policy, "hardware_cpu_bf16", lambda: native)
+    monkeypatch.setattr(policy, "cpu_capability", lambda: "AVX2")
+    used = []
+    real = evaluate.scored_logits
+
+    def spy(model, x, y, keep, precision):
+        used.append(precision.name)
+        return real(model, x, y, keep, precision)
+
+    monkeypatch.setattr(evaluate, "scored_logits", spy)
+    p = evaluate.scoring_precision("cpu", make_params(**{"eval.amp": amp}), "evaluate")
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    tokens = np.random.default_rng(2).integers(0, TINY.vocab_size, 200).astype(np.uint16)
+    score_tokens(model, tokens, TINY.context_length, 8, batch_size=7, precision=p, threads=2)
+    assert p.name == expected and set(used) == {expected}
+    line = "evaluate: this CPU (AVX2) has no native bf16; scoring in float32, since bf16 would be many times slower here\n"
+    assert capsys.readouterr().err == (line if (amp and not native) else "")
 
 
 def test_score_tokens_restores_training_mode():
@@ -233,7 +264,8 @@ def test_evaluate_model_end_to_end(setup):
     assert result["loss"] == pytest.approx(math.log(64), rel=0.05)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-5)
     assert 0 <= result["top1_accuracy"] <= result["top5_accuracy"] <= result["top10_accuracy"] <= 1
-    counts = score_tokens(model, np.fromfile(tmp_path / "tokens" / "test.bin", np.uint16), 16, 8, 4)
+    counts = score_tokens(model, np.fromfile(tmp_path / "tokens" / "test.bin", np.uint16), 16, 8, 4,
+                          precision=resolve_precision("cpu", params.eval.amp))  # the stage's precision
     assert {k: result[k] for k in METRIC_KEYS} == metrics_from_counts(counts, 4 * 60)
     again = evaluate_model(tmp_path / "model.safetensors", tmp_path / "tokens", params)
     assert json.dumps(again, sort_keys=True) == json.dumps(result, sort_keys=True)

@@ -214,13 +214,14 @@ def test_both_models_same_keys_reproducible_bytes_on_any_thread_count(run, input
 
 def test_story_metrics_are_the_evaluate_stage_s(run, inputs, make_params):
     from librarian.model.checkpoint import load_weights, read_tokenizer_sha256
+    from librarian.core.precision import resolve_precision
     from librarian.evaluation.evaluate import evaluate_split
 
     metrics = json.loads(run().read_text())
     params = make_params(**SMALL)
     for name, path in (("base", inputs.base), ("finetuned", inputs.finetuned)):
         expected = evaluate_split(load_weights(path), inputs.tokens / "test.bin", params, "cpu", path,
-                                  read_tokenizer_sha256(path))
+                                  read_tokenizer_sha256(path), resolve_precision("cpu", params.eval.amp))
         assert (metrics[name]["story_loss"], metrics[name]["story_perplexity"]) == (expected["loss"],
                                                                                     expected["perplexity"])
 

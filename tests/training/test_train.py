@@ -10,6 +10,7 @@ import torch
 
 from librarian.model.checkpoint import load_weights
 from librarian.core.errors import LibrarianError
+from librarian.core.precision import CPU_BF16_ENV
 from librarian.training.optimizer import lr_at
 from librarian.core.process import Terminated
 from librarian.training.train import TrainPaths, Trainer, train
@@ -75,7 +76,8 @@ def test_outputs_and_curves(tiny_params, tokens_dir, tmp_path):
         assert list(curve(tmp_path / "speed", name)) == epoch_ends
     assert json.loads((live / "metrics.json").read_text()) == {
         "train_loss": pytest.approx(losses[last]), "lr": pytest.approx(curve(live, "lr")[last]),
-        "tokens_seen": last * 8 * 16, "val_loss": pytest.approx(progress.history[-1]["val_loss"]), "step": last}
+        "tokens_seen": last * 8 * 16, "val_loss": pytest.approx(progress.history[-1]["val_loss"]), "step": last,
+        "device": "cpu", "precision": "fp32"}  # tiny_params: train.amp false
 
 
 def progress_lines(stderr: str) -> list[str]:
@@ -445,21 +447,24 @@ def test_train_state_round_trips_through_one_state_dict(make_params, tmp_path):
     model(x, x)[1].backward()
     optimizer.step()
     progress = Progress(epoch=1, global_step=7, tokens_seen=896, history=[{"epoch": 1, "val_loss": 3.5}])
-    saved = TrainState(model, optimizer, scaler, progress, "run-a", torch.device("cpu"))
+    saved = TrainState(model, optimizer, scaler, progress, "run-a", torch.device("cpu"), "cpu/fp32")
     saved.save(tmp_path / "state", tokenizer_sha256=None)
     rng_then = torch.get_rng_state()
     torch.rand(5)  # moves the RNG on: loading must put it back
 
-    other = TrainState(*fresh(1), Progress(), "run-b", torch.device("cpu"))
+    other = TrainState(*fresh(1), Progress(), "run-b", torch.device("cpu"), "cpu/fp32")
     assert other.load(tmp_path / "state") == "other run" and other.progress == Progress()
-    loaded = TrainState(*fresh(1), Progress(), "run-a", torch.device("cpu"))
+    loaded = TrainState(*fresh(1), Progress(), "run-a", torch.device("cpu"), "cpu/fp32")
     assert loaded.load(tmp_path / "state") == ""
     assert loaded.progress == progress and torch.equal(torch.get_rng_state(), rng_then)
     for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()):
         assert torch.equal(a, b)
     assert str(loaded.optimizer.state_dict()) == str(optimizer.state_dict())
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["last.safetensors", "state.pt"]
-    assert TrainState(*fresh(2), Progress(), "run-a", torch.device("cpu")).load(tmp_path / "nothing") == "none"
+    assert TrainState(*fresh(2), Progress(), "run-a", torch.device("cpu"), "cpu/fp32").load(tmp_path / "nothing") == "none"
+    # Saved on another device or in another precision: named, so the run can say why it starts afresh.
+    bf16 = TrainState(*fresh(3), Progress(), "run-c", torch.device("cpu"), "cpu/bf16")
+    assert bf16.load(tmp_path / "state") == "other precision: cpu/fp32" and bf16.progress == Progress()
 
 
 def test_progress_counts_steps_and_caps():
@@ -505,4 +510,50 @@ def test_a_trainer_starts_from_given_weights_and_resumes_only_its_own_state(tiny
     scratch = Trainer(params, setup_runtime(params.train), train_split, val_split, paths)
     assert not torch.equal(scratch.model.tok_emb.weight, trained.tok_emb.weight)
     metas = [train_split.meta, val_split.meta]
-    assert trainer.fingerprint == fingerprint(params, metas, trained) != fingerprint(params, metas)
+    tag = trainer.runtime.precision.tag
+    assert trainer.fingerprint == fingerprint(params, metas, tag, trained) != fingerprint(params, metas, tag)
+
+
+# --- training follows the precision policy (librarian/core/precision.py) and records it --------------------------------------------------
+
+
+@pytest.mark.parametrize(("forced", "expected"), [("0", "fp32"), ("1", "bf16")])
+def test_training_records_its_device_and_precision(tiny_params, tokens_dir, tmp_path, monkeypatch, capfd,
+                                                   forced, expected):
+    monkeypatch.setenv(CPU_BF16_ENV, forced)
+    run(tiny_params(**{"train.amp": True, "train.max_steps": 3}), tokens_dir, tmp_path)
+    summary = json.loads((tmp_path / "model" / "train.json").read_text())
+    assert summary["precision"] == expected and summary["environment"]["device"] == "cpu"
+    curves = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert (curves["device"], curves["precision"]) == ("cpu", expected)
+    err = capfd.readouterr().err
+    fallback = "has no native bf16; training in float32, since bf16 would be many times slower here"
+    assert (fallback in err) == (expected == "fp32")
+
+
+def test_a_state_saved_in_another_precision_starts_afresh_with_one_line(tiny_params, tokens_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    params = tiny_params(**{"train.amp": True, "train.max_epochs": 2, "train.checkpoint_every": 5})
+    real_step, calls = Trainer.train_step, {"n": 0}
+
+    def dying_step(self, order):
+        calls["n"] += 1
+        if calls["n"] > 12:  # past the checkpoint of step 10
+            raise KeyboardInterrupt
+        return real_step(self, order)
+
+    monkeypatch.setenv(CPU_BF16_ENV, "1")
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, tokens_dir, tmp_path)
+    assert (tmp_path / "state" / "state.pt").exists()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    capsys.readouterr()
+
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    progress = run(params, tokens_dir, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("saved training state ran on cpu/bf16, this run computes on cpu/fp32: another run, not "
+                     "resumed; starting afresh") == 1
+    assert [r["epoch"] for r in progress.history] == [1, 2]  # from the start, not resumed at epoch 2
+    assert json.loads((tmp_path / "model" / "train.json").read_text())["precision"] == "fp32"
