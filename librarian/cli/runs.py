@@ -4,10 +4,13 @@
 perplexity are cut off behind the cleaning counters. This reads the same data (`dvc exp show
 --json`) and keeps what tells runs apart:
 
-    run          loss      ppl  top-1   top-5  top-10 bits/byte train.lr
-    workspace  6.7184  827.494  3.18%  11.53%  16.56%    3.1678    0.001
-    main       6.3317  562.103  3.34%  12.97%  21.77%    2.9855    0.003
-    lr-a       6.7184  827.494  3.18%  11.53%  16.56%    3.1678    0.001
+    run          loss      ppl  top-1   top-5  top-10 bits/byte precision train.lr
+    workspace  6.7184  827.494  3.18%  11.53%  16.56%    3.1678  cpu/bf16    0.001
+    main       6.3317  562.103  3.34%  12.97%  21.77%    2.9855  cpu/fp32    0.003
+    lr-a       6.7184  827.494  3.18%  11.53%  16.56%    3.1678  cpu/bf16    0.001
+
+The precision column is the train stage's device and precision (metrics/train/metrics.json): a
+model trained in bf16 and one in float32 are not the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from librarian.cli.dvc_cli import dotted, dvc_json
 from librarian.cli.results import format_value, metrics_frame, text_table
 
 TEST_METRICS = "metrics/metrics.json"  # the evaluate stage's output: test metrics as flat keys
+TRAIN_METRICS = "metrics/train/metrics.json"  # the train stage's summary: where the model was computed
 PARAMS = "params.yaml"
 
 
@@ -38,6 +42,12 @@ def rows(exp_show: list[dict]) -> dict[str, dict]:
 
 def _file_data(data: dict, kind: str, path: str) -> dict:
     return ((data.get(kind) or {}).get(path) or {}).get("data") or {}
+
+
+def trained_in(data: dict) -> str:
+    """"cpu/bf16": the device and precision the train stage ran in (librarian/core/precision.py); "-" before it recorded them."""
+    train = _file_data(data, "metrics", TRAIN_METRICS)
+    return f"{train['device']}/{train['precision']}" if {"device", "precision"} <= train.keys() else "-"
 
 
 def differing_params(params: dict[str, dict]) -> pd.DataFrame:
@@ -61,6 +71,7 @@ def runs_table(exp_show: list[dict], width: int | None = None) -> str:
     found = rows(exp_show)
     metrics = metrics_frame({name: _file_data(data, "metrics", TEST_METRICS) for name, data in found.items()})
     shown = metrics.apply(lambda col: col.map(lambda v: format_value(col.name, v)))
+    shown["precision"] = [trained_in(data) for data in found.values()]
     params = differing_params({name: _file_data(data, "params", PARAMS) for name, data in found.items()})
     whole = text_table(shown.join(params))
     if params.empty or _widest(whole) <= width:

@@ -394,6 +394,9 @@ CASES = [
      ["missing key model.n_head", "add it"]),
     ("params/wrong type (quoted int)", lambda c: c.download(**{"train.batch_size": "32"}),
      ["train.batch_size has the wrong type"]),
+    ("params/amp not a boolean", lambda c: c.download(**{"train.amp": "ten"}),
+     ["train.amp has the wrong type", "valid boolean", "'ten'"]),
+    ("params/eval.amp as text", lambda c: c.download(**{"eval.amp": "yes"}), ["eval.amp has the wrong type"]),
     ("params/1e-4 read as text", lambda c: c.download(**{"train.lr": "1e-4"}), ["train.lr", "write 1.0e-4"]),
     ("params/zero size", lambda c: c.download(**{"train.batch_size": 0}),
      ["train.batch_size", "greater than or equal to 1", "got 0"]),
@@ -673,6 +676,16 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, world, build, 
         if path.parent.exists():
             leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
             assert not leftovers, leftovers
+
+
+def test_a_forced_cpu_precision_that_is_not_0_or_1_is_one_line(tmp_path, world):
+    """LIBRARIAN_CPU_BF16 (librarian/core/precision.py) forces the policy; a value it cannot mean is refused."""
+    c = Ctx(tmp_path, world)
+    result = run(c.evaluate(), cwd=c.cwd, close=c.close, LIBRARIAN_CPU_BF16="fp16")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == ["error: LIBRARIAN_CPU_BF16 is 'fp16'; set it to 1 (treat the CPU as having "
+                                          "native bf16), 0 (as having none), or unset it to let the hardware decide"]
+    assert not any(path.exists() for path in c.outputs)
 
 
 def test_catalogue_is_large_and_distinct():

@@ -460,14 +460,26 @@ def test_a_second_trainer_on_the_same_state_is_refused_naming_the_first(built_pr
 def test_ctrl_c_while_a_stage_imports_torch_is_one_line_and_130(built_project, tmp_path):
     """A Ctrl-C anywhere in the second or two a stage spends importing (torch's C++ runtime included)
     gives one line and exit 130: never a C++ abort (SIGABRT, "terminate called ...") from unwinding
-    a half-done import."""
+    a half-done import.
+
+    Each Ctrl-C is sent a delay after the stage says it can take one: `-X importtime` reports the
+    `stages` package imported, so its start-up handlers are in place (stages/__init__.py). A fixed
+    delay from the process's start would land in Python's own start-up on a loaded machine, before
+    any code of ours runs. The delays then sweep the imports that follow, torch's among them.
+    """
     project = tmp_path / "ctrl-c"
     copy_built(built_project, project)
-    cmd = stage_commands(project)["train"][0]
+    python, *rest = argv(stage_commands(project)["train"][0])
     outcomes = []
-    for delay in [0.1 + 0.08 * i for i in range(16)]:
-        proc = subprocess.Popen(argv(cmd), cwd=project, env=tool_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    for delay in [0.1 * i for i in range(16)]:
+        proc = subprocess.Popen([python, "-X", "importtime", *rest], cwd=project, env=tool_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in proc.stderr:  # the sign: the stages package has finished importing
+            seen.append(line)
+            if line.rstrip().endswith("| stages"):
+                break
+        assert proc.poll() is None, "".join(seen)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
