@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from librarian.core.precision import resolve_precision
 from tests.dvc_project import copy_built, dvc, ran, run
 
 QUEUE_TIMEOUT_S = 300
@@ -211,8 +212,12 @@ def test_librarian_runs_shows_test_metrics_and_the_param_that_differs(project, q
     shown = show(project)
     out = run([sys.executable, "-m", "librarian.cli.main", "runs"], project)
     header, *lines = out.splitlines()
-    # The test metrics come first, then only train.lr: the one param the experiments changed.
-    assert header.split() == ["run", "loss", "ppl", "top-1", "top-5", "top-10", "bits/byte", "train.lr"], out
+    # The test metrics and where the model was trained come first, then only train.lr: the one param
+    # the experiments changed.
+    assert header.split() == ["run", "loss", "ppl", "top-1", "top-5", "top-10", "bits/byte", "precision",
+                              "train.lr"], out
+    amp = yaml.safe_load((project / "params.yaml").read_text())["train"]["amp"]
+    trained_in = resolve_precision("cpu", amp).tag  # as this machine's policy resolves train.amp
     rows = {line.split()[0]: line.split()[1:] for line in lines}
     assert {"workspace", "lr-high", "q1", "q2"} <= set(rows), out
     for name in ["baseline", "lr-high", "q1", "q2"]:
@@ -220,6 +225,7 @@ def test_librarian_runs_shows_test_metrics_and_the_param_that_differs(project, q
         metrics = shown[name]["metrics"]
         assert row[:2] == [f"{metrics['loss']:.4f}", f"{metrics['perplexity']:.3f}"], (name, out)
         assert row[2] == f"{metrics['top1_accuracy']:.2%}" and row[-1] == str(shown[name]["lr"]), (name, out)
+        assert row[6] == trained_in, (name, out)
 
 
 def test_exp_apply_brings_an_experiment_into_the_workspace(project, queued):
