@@ -12,7 +12,7 @@ import torch
 PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pyarrow", "dvc")
 
 
-def make_deterministic(device: torch.device, deterministic: bool) -> None:
+def make_deterministic(device: torch.device, deterministic: bool, compiled: bool = False) -> None:
     """Ask torch for deterministic kernels, or let CUDA pick the fastest ones.
 
     On the CPU every kernel we use is deterministic already. On CUDA, determinism costs speed:
@@ -20,9 +20,24 @@ def make_deterministic(device: torch.device, deterministic: bool) -> None:
     """
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    use_deterministic_algorithms(deterministic, compiled)
     torch.backends.cudnn.benchmark = not deterministic and device.type == "cuda"
     torch.backends.cudnn.deterministic = deterministic
+
+
+def use_deterministic_algorithms(mode: bool, compiled: bool) -> None:
+    """torch.use_deterministic_algorithms(mode), without importing Inductor unless it compiles.
+
+    torch's function sets two things: the kernels' flag, and Inductor's `deterministic` config, for
+    which it imports torch._inductor.config and with it the whole compiler stack: 1.5 s of every
+    train and finetune start on a 2-core EPYC, most of the time a stage with a bad input takes to
+    say so. Inductor reads that config only when it compiles, so it is set when the run compiles
+    (train.compile) or Inductor is loaded already; the kernels' flag is set alike in every case.
+    """
+    if compiled or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=False)
 
 
 def describe(device: torch.device) -> dict:

@@ -57,5 +57,5 @@ def setup_runtime(tp: TrainParams) -> Runtime:
     if tp.threads:
         torch.set_num_threads(tp.threads)
     device = pick_device(tp.device)
-    make_deterministic(device, tp.deterministic)
+    make_deterministic(device, tp.deterministic, compiled=tp.compile)
     return Runtime(rank, world, device, resolve_precision(device, tp.amp))
