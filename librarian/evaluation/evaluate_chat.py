@@ -42,6 +42,7 @@ import pandas as pd
 
 from librarian.core.config import Params
 from librarian.core.errors import LibrarianError
+from librarian.core.precision import Precision
 from librarian.core.progress import progress_bar
 from librarian.core.threads import resolve_threads, using_threads
 from librarian.data.chat_template import Turn
@@ -287,10 +288,11 @@ def reply_metrics(generator: Generator, tokens: TokenFile, params: Params) -> di
             "reply_tokens": count}
 
 
-def story_metrics(generator: Generator, model_path: Path, tokens_dir: Path, params: Params) -> dict:
-    """The evaluate stage's test loss and perplexity on the story token file."""
+def story_metrics(generator: Generator, model_path: Path, tokens_dir: Path, params: Params,
+                  precision: Precision) -> dict:
+    """The evaluate stage's test loss and perplexity on the story token file, in its precision."""
     metrics = evaluate_split(generator.model, tokens_dir / "test.bin", params, "cpu", model_path,
-                             read_tokenizer_sha256(model_path), scoring_precision("cpu", params, "evaluate_chat"))
+                             read_tokenizer_sha256(model_path), precision)
     return {"story_loss": metrics["loss"], "story_perplexity": metrics["perplexity"]}
 
 
@@ -324,7 +326,9 @@ def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_p
         check_requests(getattr(asked, kind), kind, params)
 
     # The cheap scores first: they check the token files before the long sampling starts.
-    result = {name: story_metrics(generators[name], paths[name], Path(tokens_dir), params) for name in MODELS}
+    precision = scoring_precision("cpu", params, "evaluate_chat")  # resolved (and its line said) once
+    result = {name: story_metrics(generators[name], paths[name], Path(tokens_dir), params, precision)
+              for name in MODELS}
     # Tokenized once per context length (both models, as fine-tuned, share one): not once per model.
     chat_files: dict[int, TokenFile] = {}
     for name in MODELS:

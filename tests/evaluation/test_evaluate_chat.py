@@ -226,6 +226,16 @@ def test_story_metrics_are_the_evaluate_stage_s(run, inputs, make_params):
                                                                                     expected["perplexity"])
 
 
+def test_a_cpu_without_native_bf16_scores_in_float32_and_says_so_once(run, monkeypatch, capsys):
+    """The story scores of both models follow eval.amp as the precision policy resolves it: one line, not one a model."""
+    from librarian.core.precision import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
+    run(**{"eval.amp": True})
+    said = [line for line in capsys.readouterr().err.splitlines() if "no native bf16" in line]
+    assert len(said) == 1 and said[0].startswith("evaluate_chat: this CPU (") and "scoring in float32" in said[0]
+
+
 def test_a_reply_depends_on_its_request_alone(inputs, make_params):
     """Seed + row, a fresh session each: the same reply alone, after other requests, on 2 threads."""
     import pandas as pd
