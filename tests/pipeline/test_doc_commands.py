@@ -44,6 +44,7 @@ def test_commands_that_cannot_run_here_parse(command):
 
 def test_dvc_overrides_name_params_and_scripts_exist():
     keys = set(dotted(yaml.safe_load((ROOT / "params.yaml").read_text())))
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for command in commands():
         words = shlex.split(command)
         if words[:3] == ["dvc", "exp", "run"]:
@@ -54,3 +55,6 @@ def test_dvc_overrides_name_params_and_scripts_exist():
         if words[0] == "torchrun":
             module = words[words.index("-m") + 1]
             assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), command
+            # The stage's own arguments, as dvc.yaml runs it: a documented command with one too few fails.
+            stage_args = {shlex.split(stage["cmd"])[2]: shlex.split(stage["cmd"])[3:] for stage in stages.values()}
+            assert words[words.index("-m") + 2:] == stage_args[module], command
