@@ -9,6 +9,9 @@ from importlib import metadata
 
 import torch
 
+from librarian import CUBLAS_DETERMINISTIC
+from librarian.core.errors import LibrarianError
+
 PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pyarrow", "dvc")
 
 
@@ -18,11 +21,21 @@ def make_deterministic(device: torch.device, deterministic: bool, compiled: bool
     On the CPU every kernel we use is deterministic already. On CUDA, determinism costs speed:
     cuDNN may not autotune, and cuBLAS needs a fixed workspace (set before CUDA starts).
     """
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if deterministic and device.type == "cuda":
+        check_cublas_workspace()
     use_deterministic_algorithms(deterministic, compiled)
     torch.backends.cudnn.benchmark = not deterministic and device.type == "cuda"
     torch.backends.cudnn.deterministic = deterministic
+
+
+def check_cublas_workspace() -> None:
+    """Refuse a CUBLAS_WORKSPACE_CONFIG with which cuBLAS is not deterministic: torch would stop the
+    run at its first matmul with a RuntimeError; this says what to change before anything runs."""
+    value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if value not in CUBLAS_DETERMINISTIC:
+        raise LibrarianError(
+            f"CUBLAS_WORKSPACE_CONFIG is {value!r}, with which cuBLAS is not deterministic; set it to "
+            f"{' or '.join(CUBLAS_DETERMINISTIC)} (or unset it) before the process starts, or set train.deterministic: false")
 
 
 def use_deterministic_algorithms(mode: bool, compiled: bool) -> None:
