@@ -181,12 +181,13 @@ class Windows:
 
 
 def window_nats(model, windows: Windows, batch_size: int, first: int = 0, step: int = 1,
-                device: str | torch.device = "cpu") -> torch.Tensor:
+                device: str | torch.device | None = None) -> torch.Tensor:
     """float64 [summed nats, scored targets] of the model over windows first, first + step, ... in batches.
 
     The model in float32 and eval mode is the caller's to set. `first`/`step` split the windows
-    between the processes of a distributed run.
+    between the processes of a distributed run. The batches go to `device`, by default the model's.
     """
+    device = device or next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)
     n = len(windows)
     for start in range(first * batch_size, n, batch_size * step):

@@ -99,7 +99,7 @@ def score_tokens(
     context_length: int,
     stride: int,
     batch_size: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     desc: str | None = None,
     precision: Precision | None = None,
     threads: int = 1,
@@ -109,6 +109,7 @@ def score_tokens(
     `model` needs GPT's hidden() and lm_head; the trunk runs in `precision` (None: float32), the
     head in float32 always. Batches are scored `threads` at a time, each on one torch thread (see in_order).
     """
+    device = device or next(model.parameters()).device  # by default, where the model is
     precision = precision or resolve_precision(device, amp=False)
     counts = {"nats": 0.0, "tokens": 0, **{f"top{k}": 0 for k in TOP_K}}
     n_windows = len(window_plan(len(tokens), context_length, stride)[1])

@@ -201,7 +201,7 @@ class Engine:
         self.steps += 1
         self.peak_rows = max(self.peak_rows, len(self.rows))
         for row in skip:  # their key and value went past their length: masked, and overwritten next
-            self.cache.lengths[row] -= 1
+            self.cache.take_back(row)
         rows = [row for row in range(len(self.rows)) if row not in skip]
         self._accept([self.rows[row] for row in rows], logits[rows] if skip else logits)
 

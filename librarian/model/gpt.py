@@ -125,8 +125,11 @@ class SlotCache:
         shape = (slots, n_head, context_length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.slots, self.context_length = slots, context_length
-        self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens cached per row; the next token's position
+        self.slots, self.context_length, self.device = slots, context_length, torch.device(device)
+        # Tokens cached per row (the next token's position): on the buffers' device, where they index
+        # and mask, and mirrored on the host, where they size views (no device sync a step).
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.host_lengths = [0] * slots
         self.rows = 0
 
     def load(self, row: int, cache: KVCache) -> None:
@@ -134,15 +137,15 @@ class SlotCache:
         for layer, (k, v) in enumerate(cache.buffers):
             self.keys[layer][row, :, : cache.length] = k[0, :, : cache.length]
             self.values[layer][row, :, : cache.length] = v[0, :, : cache.length]
-        self.lengths[row] = cache.length
+        self.lengths[row] = self.host_lengths[row] = cache.length
 
     def move(self, source: int, target: int) -> None:
         """Copy row `source` over row `target` (the rows in use stay a prefix when one ends)."""
-        n = int(self.lengths[source])
+        n = self.host_lengths[source]
         for buffers in (self.keys, self.values):
             for b in buffers:
                 b[target, :, :n] = b[source, :, :n]
-        self.lengths[target] = n
+        self.lengths[target] = self.host_lengths[target] = n
 
     @property
     def positions(self) -> torch.Tensor:
@@ -152,15 +155,27 @@ class SlotCache:
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's key and value (rows, H, 1, D) at each row's position; return the views
         (rows, H, L, D) up to the longest row and the mask (rows, 1, 1, L) of each row's own columns."""
-        rows, positions = torch.arange(self.rows), self.positions
+        rows, positions = torch.arange(self.rows, device=self.device), self.positions
         self.keys[layer][rows, :, positions] = k[:, :, 0]
         self.values[layer][rows, :, positions] = v[:, :, 0]
-        end = int(positions.max()) + 1
-        mask = torch.arange(end) <= positions.view(-1, 1, 1, 1)
+        end = self.longest + 1
+        mask = torch.arange(end, device=self.device) <= positions.view(-1, 1, 1, 1)
         return self.keys[layer][: self.rows, :, :end], self.values[layer][: self.rows, :, :end], mask
+
+    @property
+    def longest(self) -> int:
+        """The largest position of the rows in use (host side)."""
+        return max(self.host_lengths[: self.rows])
 
     def advance(self) -> None:
         self.lengths[: self.rows] += 1
+        for row in range(self.rows):
+            self.host_lengths[row] += 1
+
+    def take_back(self, row: int) -> None:
+        """Undo the last step of `row`: what it wrote lies past its length, masked and overwritten next."""
+        self.lengths[row] -= 1
+        self.host_lengths[row] -= 1
 
 
 class CausalSelfAttention(nn.Module):
@@ -299,7 +314,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         x = self.tok_emb(idx)
         if isinstance(cache, SlotCache):
-            if T != 1 or idx.size(0) != cache.rows or int(cache.positions.max()) >= self.config.context_length:
+            if T != 1 or idx.size(0) != cache.rows or cache.longest >= self.config.context_length:
                 raise ValueError(f"a slot cache step takes one token for each of its {cache.rows} rows, "
                                  f"within the context length {self.config.context_length}")
             if self.pos_emb is not None:
