@@ -182,6 +182,18 @@ def load_state(path: str | Path) -> dict:
         ) from None
 
 
+def rng_state(device: torch.device) -> dict:
+    """This process's random streams: the CPU's and, on CUDA, its GPUs'."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+
+
+def set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 class TrainState:
     """Everything a resumed run needs, saved and loaded through one state dict (as in litgpt).
 
@@ -195,9 +207,12 @@ class TrainState:
     STATE, LAST, BEST = "state.pt", "last.safetensors", "best.safetensors"
 
     def __init__(self, model: GPT, optimizer, scaler, progress, fingerprint: str, device: torch.device,
-                 precision: str):
+                 precision: str, rank: int = 0, rngs: list[dict] | None = None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.progress, self.fingerprint, self.device = progress, fingerprint, device
+        # Under torchrun every process draws its own dropout masks: rank 0 saves every rank's RNG
+        # state (rngs, in rank order), and each rank resumes its own. None: this process's alone.
+        self.rank, self.rngs = rank, rngs
         self.precision = precision  # "cpu/bf16": part of the fingerprint, kept readable to say why a state is not resumed
 
     def state_dict(self) -> dict:
@@ -207,16 +222,16 @@ class TrainState:
             "precision": self.precision,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None},
+            "rng": self.rngs if self.rngs is not None else [rng_state(self.device)],
             "progress": json.dumps(asdict(self.progress)),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # A rank the saving run did not have keeps the stream the Trainer seeded (seed + rank).
+        if self.rank < len(state["rng"]):
+            set_rng_state(state["rng"][self.rank], self.device)
         self.progress = type(self.progress)(**json.loads(state["progress"]))
 
     def save(self, folder: str | Path, tokenizer_sha256: str | None) -> None:

@@ -38,24 +38,28 @@ class Runtime:
                                     enabled=self.precision.loss_scaling)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device train.device names (auto: cuda, then mps, then cpu); under torchrun, each process's own GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[name]:
         raise LibrarianError(f"train.device is {name}, but this machine has no {name}; use train.device: auto or cpu")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def setup_runtime(tp: TrainParams) -> Runtime:
-    """Join the process group (under torchrun), set threads, pick the device, fix determinism."""
-    rank, world = distributed.init()
+    """Pick the device, join the process group (under torchrun) with that device's backend, set
+    threads, fix determinism."""
+    device = pick_device(tp.device, distributed.local_rank())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: nccl binds each process to its GPU
+    rank, world = distributed.init(device)
     if tp.threads:
         torch.set_num_threads(tp.threads)
-    device = pick_device(tp.device)
     make_deterministic(device, tp.deterministic, compiled=tp.compile)
     return Runtime(rank, world, device, resolve_precision(device, tp.amp))

@@ -41,7 +41,7 @@ from librarian.core.process import deferred_stops, lock_folder
 from librarian.core.progress import progress_bar
 from librarian.data.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
 from librarian.data.windows import IGNORE, TokenFile, Windows, load_train_val, window_nats
-from librarian.model.checkpoint import TrainState, save_weights
+from librarian.model.checkpoint import TrainState, rng_state, save_weights
 from librarian.model.fused_loss import linear_cross_entropy
 from librarian.model.gpt import GPT, GPTConfig
 from librarian.training import distributed
@@ -208,6 +208,10 @@ class Trainer:
             self.model.load_state_dict(init.state_dict())
         elif self.tp.init == "zero_proj":
             self.model.zero_projections()
+        if self.rank:
+            # Each process its own dropout masks: rank r > 0 draws from seed + r. Rank 0 goes on
+            # with the stream the initialisation started, a single process's, whose bytes stay as they were.
+            torch.manual_seed(params.seed + self.rank)
         self.optimizer = build_optimizer(self.model, self.tp)
         self.scaler = runtime.grad_scaler()
         net = TrainingLoss(self.model, fused=self.tp.fused_loss, compile=self.tp.compile)
@@ -230,9 +234,9 @@ class Trainer:
 
     # --- checkpoints ---
 
-    def _state(self) -> TrainState:
+    def _state(self, rngs: list[dict] | None = None) -> TrainState:
         return TrainState(self.model, self.optimizer, self.scaler, self.progress, self.fingerprint, self.device,
-                          self.runtime.precision.tag)
+                          self.runtime.precision.tag, self.rank, rngs)
 
     def resume(self) -> bool:
         state = self._state()
@@ -250,9 +254,10 @@ class Trainer:
         return True
 
     def checkpoint(self) -> None:
-        """Save the whole training state atomically (rank 0 only)."""
+        """Save the whole training state atomically: rank 0 writes it, every rank's RNG state included."""
+        rngs = distributed.gather(rng_state(self.device), self.world)
         if self.rank == 0:
-            state = self._state()
+            state = self._state(rngs)
             state.save(self.state_dir, self.tokenizer_sha256)
         self._barrier()
 
