@@ -34,7 +34,7 @@ class Runtime:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         # bf16 needs no loss scaling; fp16 does.
-        return torch.amp.GradScaler(self.device.type if self.device.type == "cuda" else "cpu",
+        return torch.amp.GradScaler("cuda" if self.device.type == "cuda" else "cpu",
                                     enabled=self.precision.loss_scaling)
 
 
