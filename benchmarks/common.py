@@ -230,4 +230,5 @@ def cycled_step(trainer, order) -> tuple[float, int]:
         progress.windows_in_epoch = 0
     before = progress.tokens_seen
     loss = trainer.step(order)
-    return loss, progress.tokens_seen - before
+    trainer.settle_losses()  # the loop's read of the loss, here every step: on a GPU, the step has ended
+    return loss.item(), progress.tokens_seen - before

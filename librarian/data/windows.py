@@ -180,6 +180,15 @@ class Windows:
         return x, y
 
 
+def to_device(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch built on the host, on `device`. To a GPU it goes from pinned memory without blocking,
+    so the host builds the next batch while the copy runs; a pageable copy would wait for it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 def window_nats(model, windows: Windows, batch_size: int, first: int = 0, step: int = 1,
                 device: str | torch.device | None = None) -> torch.Tensor:
     """float64 [summed nats, scored targets] of the model over windows first, first + step, ... in batches.
@@ -191,7 +200,7 @@ def window_nats(model, windows: Windows, batch_size: int, first: int = 0, step: 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     n = len(windows)
     for start in range(first * batch_size, n, batch_size * step):
-        x, y = (t.to(device) for t in windows.batch(np.arange(start, min(start + batch_size, n))))
+        x, y = (to_device(t, device) for t in windows.batch(np.arange(start, min(start + batch_size, n))))
         logits, _ = model(x)
         nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
         total += torch.stack([nats.double(), (y != IGNORE).sum().double()])

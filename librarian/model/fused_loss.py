@@ -14,16 +14,23 @@ written without in-place steps, `softmax_grad`) instead of ten passes of eager o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 from librarian.data.windows import IGNORE
 
+# Devices whose tensors the host reads without waiting: there, the loss asks whether a mask drops
+# anything, and the unmasked path keeps its bits. Elsewhere each such read would stall the step.
+HOST_DEVICES = ("cpu",)
 
-def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float, keep: torch.Tensor | None = None):
+
+def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float | torch.Tensor,
+                       keep: torch.Tensor | None = None):
     """Summed cross-entropy of rows of logits (in fp32), and its gradient times scale, in logits' dtype.
 
+    `scale` is a 0-d tensor where reading it on the host would wait for the device.
     `keep` (rows,) drops the rows whose target is IGNORE from both (their targets must be valid ids
     here). Works on the logits in place: they are a temporary of the caller's.
     """
@@ -33,9 +40,13 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float
     exp = logits.sub_(top).exp_()
     total = exp.sum(-1, keepdim=True)
     row_loss = total.log() + top - target_logit
-    grad = exp.mul_(scale / total).scatter_add_(1, targets[:, None], torch.full_like(target_logit, -scale))
+    minus_scale = torch.full_like(target_logit, -1.0).mul_(scale)  # exact: a float or a 0-d tensor
+    # reciprocal, then scale: what `float / tensor` computes, so a 0-d tensor scale gives the same bits.
+    grad = exp.mul_(total.reciprocal().mul_(scale)).scatter_add_(1, targets[:, None], minus_scale)
     if keep is not None:
-        row_loss, grad = row_loss[keep], grad.mul_(keep[:, None])
+        # Boolean indexing asks the device how many rows are kept: a host read, so only on the host.
+        row_loss = row_loss[keep] if keep.device.type in HOST_DEVICES else torch.where(keep[:, None], row_loss, 0.0)
+        grad = grad.mul_(keep[:, None])
     return row_loss.sum(), grad.to(dtype)
 
 
@@ -70,28 +81,45 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk: int, compute_dtype: torch.dtype, compiled: bool = False):
         # Targets a loss mask left out (IGNORE) count neither in the mean nor in the gradients.
         keep = targets != IGNORE
-        masked = not bool(keep.all())
-        n = int(keep.sum()) if masked else h.size(0)
+        if h.device.type in HOST_DEVICES:
+            masked = not bool(keep.all())
+            n = int(keep.sum()) if masked else h.size(0)
+            scale = 1.0 / max(n, 1)
+        else:
+            masked, n = True, keep.sum()
+            scale = 1.0 / n.clamp(min=1).to(torch.float32)
         if masked:
             targets = targets.clamp(min=0)
+        # fp16's smallest normal is 6e-5: softmax / n (about 3e-8 for the card's vocab and batch) would
+        # flush to zero in the gradient before the GradScaler's factor arrives, silently. So in fp16
+        # the chunk's gradient is the unscaled softmax - one_hot (at most 1 in size), and 1/n is
+        # applied to the float32 sums after the matmuls. bf16 has float32's range: it keeps its path.
+        after = compute_dtype == torch.float16
+        chunk_scale = 1.0 if after else scale
         h_c, w_c = h.to(compute_dtype), weight.to(compute_dtype)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         if compiled:
-            fused, scale = compiled_softmax_grad(), torch.tensor(1.0 / max(n, 1), device=h.device)
+            fused = compiled_softmax_grad()
+            chunk_scale = torch.as_tensor(chunk_scale, dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk):  # every row: the kept ones can be anywhere
             rows = slice(start, start + chunk)
             if compiled:
-                chunk_loss, g = fused(h_c[rows] @ w_c.T, targets[rows], scale, keep[rows])
+                chunk_loss, g = fused(h_c[rows] @ w_c.T, targets[rows], chunk_scale, keep[rows])
             else:
-                chunk_loss, g = cross_entropy_grad(h_c[rows] @ w_c.T, targets[rows], 1.0 / max(n, 1),
+                chunk_loss, g = cross_entropy_grad(h_c[rows] @ w_c.T, targets[rows], chunk_scale,
                                                    keep[rows] if masked else None)
             loss += chunk_loss
             grad_h[rows] = g @ w_c
             grad_w += g.T @ h_c[rows]
+        if after:
+            grad_h.mul_(scale)
+            grad_w.mul_(scale)
         ctx.save_for_backward(grad_h, grad_w)
-        return loss / n if n else loss.fill_(float("nan"))  # nothing to score: nan, as F.cross_entropy gives
+        if isinstance(n, torch.Tensor):
+            return loss / n  # nothing to score: 0 / 0, nan, as F.cross_entropy gives
+        return loss / n if n else loss.fill_(float("nan"))
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -103,7 +131,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          compiled: bool = False) -> torch.Tensor:
     """Fused head + loss for hidden states h (..., d) and targets (...); bf16 matmuls under autocast.
     With `compiled`, each chunk's softmax and gradient run as one torch.compile'd kernel."""
-    compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    with torch.autocast(h.device.type, enabled=False):
+    kind = h.device.type
+    autocast = torch.amp.is_autocast_available(kind)  # not on `meta`, where tests trace the device paths
+    compute_dtype = torch.get_autocast_dtype(kind) if autocast and torch.is_autocast_enabled(kind) else h.dtype
+    with torch.autocast(kind, enabled=False) if autocast else contextlib.nullcontext():
         return LinearCrossEntropy.apply(h.flatten(0, -2).float(), weight, targets.reshape(-1), chunk, compute_dtype,
                                         compiled)

@@ -40,7 +40,7 @@ from librarian.core.precision import Precision
 from librarian.core.process import deferred_stops, lock_folder
 from librarian.core.progress import progress_bar
 from librarian.data.chat_tokens import ChatTokens, load_chat_tokens, sha256_of
-from librarian.data.windows import IGNORE, TokenFile, Windows, load_train_val, window_nats
+from librarian.data.windows import IGNORE, TokenFile, Windows, load_train_val, to_device, window_nats
 from librarian.model.checkpoint import TrainState, rng_state, save_weights
 from librarian.model.fused_loss import linear_cross_entropy
 from librarian.model.gpt import GPT, GPTConfig
@@ -79,16 +79,20 @@ class Progress:
     point_loss_sum: float = 0.0
     point_loss_count: int = 0
 
-    def count_step(self, loss: float, tokens: int, windows: int) -> None:
-        """One optimizer step done, on `windows` windows of `tokens` tokens, at train loss `loss`."""
+    def count_step(self, tokens: int, windows: int) -> None:
+        """One optimizer step done, on `windows` windows of `tokens` tokens (its loss comes in add_losses)."""
         self.step_in_epoch += 1
         self.windows_in_epoch += windows
         self.global_step += 1
         self.tokens_seen += tokens
-        self.epoch_loss_sum += loss
-        self.epoch_loss_count += 1
-        self.point_loss_sum += loss
-        self.point_loss_count += 1
+
+    def add_losses(self, losses: list[float]) -> None:
+        """The train losses of the steps counted since the last call, in step order."""
+        for loss in losses:
+            self.epoch_loss_sum += loss
+            self.point_loss_sum += loss
+        self.epoch_loss_count += len(losses)
+        self.point_loss_count += len(losses)
 
     def cap_reached(self, max_steps: int, max_tokens: int) -> str:
         """Why training must stop now ("max_steps", "max_tokens"), or "" (0 = no cap)."""
@@ -182,6 +186,7 @@ class Trainer:
         # Called after every optimizer step; it may end the run by setting progress.stop_reason
         # (benchmarks/speedrun.py stops at a target perplexity so).
         self.after_step = after_step
+        self._unsettled: list[torch.Tensor] = []  # the losses of steps whose loss the host has not read yet
         self.step_seconds = 0.0  # wall time inside train_step in this process: training alone
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
         self.out_dir, self.state_dir, self.curves_dir, self.speed_dir = (
@@ -255,6 +260,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Save the whole training state atomically: rank 0 writes it, every rank's RNG state included."""
+        self.settle_losses()
         rngs = distributed.gather(rng_state(self.device), self.world)
         if self.rank == 0:
             state = self._state(rngs)
@@ -281,11 +287,22 @@ class Trainer:
         started = time.perf_counter()
         loss = self.train_step(order)
         self.step_seconds += time.perf_counter() - started
-        self.progress.count_step(loss, windows * self.params.model.context_length, windows)
+        self.progress.count_step(windows * self.params.model.context_length, windows)
+        self._unsettled.append(loss)
         return loss
 
-    def train_step(self, order: np.ndarray) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss."""
+    def settle_losses(self) -> None:
+        """Bring the losses of the steps since the last call to the host, into the progress. On a GPU
+        reading a loss waits for its step to finish; the loop calls this every train.log_every steps
+        (and before it saves or reports), so the host queues steps ahead instead of waiting each one.
+        The floats, and their order of summing, are those of reading each step at once."""
+        if self._unsettled:
+            self.progress.add_losses(torch.stack(self._unsettled).tolist())
+            self._unsettled.clear()
+
+    def train_step(self, order: np.ndarray) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean micro-batch loss, a 0-d
+        float32 tensor on the device (read it and the host waits for the step)."""
         p, tp = self.progress, self.tp
         set_lr(self.optimizer, lr_at(p.global_step, tp, self.total_steps))
         batch = batch_at(p.tokens_seen, tp)
@@ -296,7 +313,7 @@ class Trainer:
         weights = self._micro_weights([y for _, y in micro_batches])
         losses = []
         for micro, (x, y) in enumerate(micro_batches):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = to_device(x, self.device), to_device(y, self.device)
             sync = micro == tp.grad_accum - 1 or self.world == 1
             with self._no_sync(not sync), self.runtime.autocast():
                 loss = self.net(x, y)
@@ -310,7 +327,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # The step's loss as its gradient weighs it: the mean over its scored targets.
         mean = torch.stack(losses).mean() if weights is None else sum(part * w for part, w in zip(losses, weights))
-        return distributed.mean(mean, self.world).item()
+        return distributed.mean(mean, self.world).detach()
 
     def _micro_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
         """What each micro-batch's mean loss is scaled by, so that the step's gradient is the mean
@@ -363,6 +380,7 @@ class Trainer:
         bar.close()
         if not p.stop_reason:
             p.stop_reason = "max_epochs"
+        self.settle_losses()
         if p.point_loss_count:  # the steps since the last point: the curve runs to the last step
             self._add_point(curves)
         self._finish()
@@ -380,11 +398,12 @@ class Trainer:
                 loss = self.step(order)
                 p.stop_reason = p.cap_reached(tp.max_steps, tp.max_tokens)
                 if self.after_step:
+                    self.settle_losses()
                     self.after_step(self)
                 if p.global_step % tp.log_every == 0:
                     self._add_point(curves)
-                # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not every step.
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{clock.tokens_per_s():,.0f}", refresh=False)
+                    # refresh=False: the bar redraws at its own pace (tqdm's mininterval), not every step.
+                    bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{clock.tokens_per_s():,.0f}", refresh=False)
                 bar.update(1)
                 if stop and not p.stop_reason:
                     clock.bank()
@@ -400,6 +419,7 @@ class Trainer:
 
     def _add_point(self, curves) -> None:
         """A point of the step curves: the mean train loss since the last point, the learning rate of this step."""
+        self.settle_losses()
         p = self.progress
         point = {"step": p.global_step, "train_loss": p.point_loss_sum / p.point_loss_count,
                  "lr": lr_at(p.global_step - 1, self.tp, self.total_steps), "tokens_seen": p.tokens_seen}
@@ -409,6 +429,7 @@ class Trainer:
             curves.log_point(point)
 
     def _end_epoch(self, tokens_per_s: float, curves) -> None:
+        self.settle_losses()
         p = self.progress
         val = self.val_loss()
         if not math.isfinite(val):

@@ -90,3 +90,23 @@ def test_the_best_weights_are_published_under_train_states_name(tiny_params, tok
     monkeypatch.setattr(TrainState, "BEST", "best-renamed.safetensors")
     train(tiny_params(**{"train.max_epochs": 1}), tokens_dir, paths(tmp_path))
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_the_loop_reads_the_losses_every_log_every_steps_not_every_step(tiny_params, tokens_dir, tmp_path,
+                                                                     monkeypatch):
+    """On a GPU each read of a loss makes the host wait for that step: the loop reads them in groups
+    of train.log_every (and before it saves or reports), and the curves get the same points."""
+    reads = []
+    real_settle = train_module.Trainer.settle_losses
+
+    def settle(trainer):
+        if trainer._unsettled:
+            reads.append(len(trainer._unsettled))
+        real_settle(trainer)
+
+    monkeypatch.setattr(train_module.Trainer, "settle_losses", settle)
+    params = tiny_params(**{"train.max_epochs": 1, "train.max_steps": 12, "train.log_every": 4})
+    progress = train(params, tokens_dir, paths(tmp_path))
+    assert progress.global_step == 12 and reads == [4, 4, 4]
+    assert [point["step"] for point in progress.points] == [4, 8, 12]
+    assert progress.history[0]["train_loss"] == pytest.approx(sum(point["train_loss"] for point in progress.points) / 3)
