@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import os
@@ -44,10 +43,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
 from common import cycled_step  # benchmarks/common.py: its folder is on sys.path when run
-from librarian.core.config import Params, parse_params
+from librarian.core.config import Params, parse_params, read_yaml
 from librarian.data.sources import read_shard
 from librarian.data.tokenizer import save_tokenizer, train_tokenizer
 from librarian.data.tokens import tokenize_corpus
@@ -90,7 +88,7 @@ def prepare_data(work: Path, params: Params) -> tuple[Path, Path]:
 
 def check_params(device: str, steps: int, checkpoint_every: int = 0, **overrides) -> Params:
     """params.yaml with the card's execution on `device`, for `steps` optimizer steps, deterministic."""
-    raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw = read_yaml((ROOT / "params.yaml").read_text())
     settings = {"train.device": device, "train.amp": True, "train.deterministic": True, "train.compile": False,
                 "train.fused_loss": False, "model.attention": "manual", "train.max_steps": steps,
                 "train.max_tokens": 0, "train.max_epochs": 10_000, "train.patience": 10_000,

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from common import cpu_name  # benchmarks/common.py: its folder is on sys.path when run
-from librarian.core.config import Params, load_params, parse_params
+from librarian.core.config import Params, load_params, parse_params, read_yaml
 from librarian.data.windows import load_tokens
 from librarian.core.errors import LibrarianError
 from librarian.core.precision import resolve_precision
@@ -92,14 +92,21 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key.count(".") != 1:
             raise SystemExit(f"error: -S {pair!r} must be section.key=value, e.g. -S train.batch_size=16")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = read_yaml(value)
     return overrides
 
 
-def dvc_command(name: str) -> str:
-    """The `dvc exp run` command that trains this recipe in the pipeline."""
+# Where the docs' commands read the real stories (the recipes' figures are theirs): a command without
+# it would train on whatever data.source params.yaml names, the 370-story fixture after the demo.
+REAL_STORIES = "../shared/data/tinystories"
+
+
+def dvc_command(name: str, source: str = REAL_STORIES) -> str:
+    """The `dvc exp run` command that trains this recipe in the pipeline, on the stories at `source`
+    (docs/training.md shows it; tests/pipeline/test_doc_commands.py compares the two)."""
+    settings = {"data.source": source, "data.fraction": 1.0} | RECIPES[name]
     flags = " ".join(f"-S {key}={str(value).lower() if isinstance(value, bool) else value}"
-                     for key, value in RECIPES[name].items())
+                     for key, value in settings.items())
     return f"dvc exp run -n {name.replace('_', '-')} {flags}"
 
 
@@ -210,13 +217,15 @@ def main():
                         help="override a param in every recipe run, as `dvc exp run -S` (repeatable; YAML values)")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
     parser.add_argument("--command", choices=sorted(RECIPES), help="print a recipe's dvc exp run command and exit")
+    parser.add_argument("--source", default=REAL_STORIES,
+                        help=f"the data.source of --command's run (default {REAL_STORIES}, the real stories)")
     args = parser.parse_args()
     if args.list:
         for name, overrides in RECIPES.items():
             print(f"{name:12} {overrides}")
         return
     if args.command:
-        print(dvc_command(args.command))
+        print(dvc_command(args.command, args.source))
         return
     names = [n for n in args.only.split(",") if n] or list(RECIPES)
     unknown = set(names) - set(RECIPES)

@@ -50,6 +50,8 @@ def dvc_json(*args, cwd):
 
 
 def ran(output):
+    """The stages that did work in a `dvc repro`'s output. check_params, which reruns on any params
+    change and refuses bad params before DVC removes outputs, is left out: test_pipeline.py checks it."""
     return [s for s in STAGES if f"Running stage '{s}'" in output]
 
 

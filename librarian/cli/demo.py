@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from librarian.cli.dvc_cli import dotted, dvc_command
-from librarian.core.config import parse_params
+from librarian.core.config import parse_params, read_yaml
 from librarian.core.errors import LibrarianError
 
 DEMO_PARAMS = Path("demo.yaml")
@@ -50,8 +50,8 @@ def load_demo(root: Path) -> list[str]:
         if not (root / name).is_file():
             raise LibrarianError(f"no {name} in {root}: run `librarian demo` from the Librarian project folder "
                                  "(the one with dvc.yaml and demo.yaml)")
-    demo = yaml.safe_load((root / DEMO_PARAMS).read_text(encoding="utf-8")) or {}
-    base = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    demo = read_yaml((root / DEMO_PARAMS).read_text(encoding="utf-8")) or {}
+    base = read_yaml((root / "params.yaml").read_text(encoding="utf-8"))
     parse_params(merged(base, demo), source=f"params.yaml with {DEMO_PARAMS}")
     return overrides(demo)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from librarian.core.errors import LibrarianError
+from librarian.core.paths import missing_fix
 
 DEFAULT_REFERENCE = Path("results/reference.json")
 DEFAULT_METRICS = Path("metrics/metrics.json")
@@ -25,7 +26,7 @@ def read_json(path: Path, what: str, fix: str) -> dict:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LibrarianError(f"{what} {path} not found; {fix}") from None
+        raise LibrarianError(f"{what} {path} not found; {missing_fix(path, fix)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LibrarianError(f"{what} {path} is not readable JSON ({type(exc).__name__}); {fix}") from None
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
@@ -38,8 +38,7 @@ def doc(meaning: str, rule: str | None = None) -> FieldInfo:
 def _integral(value: object) -> object:
     """A count written as 1500000.0 (what `dvc exp run -S key=1.5e6` stores) is the integer 1500000.
 
-    A non-integral float, or text such as "1.5e6" (YAML 1.1 reads an exponent without a sign as
-    text), is refused with the integer to write instead.
+    A non-integral float, or quoted text such as "1.5e6", is refused with the integer to write instead.
     """
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -49,7 +48,7 @@ def _integral(value: object) -> object:
         except ValueError:
             return value  # the strict int check reports it as text
         if number.is_integer():
-            raise ValueError(f"must be an integer: write {int(number)}, not {value!r} (YAML reads {value} as text)")
+            raise ValueError(f"must be an integer: write {int(number)}, not {value!r} (quoted, it is text)")
     return value
 
 
@@ -431,14 +430,21 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml, or raise LibrarianError naming the offending key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LibrarianError(f"{path} not found; run from the project root or pass --params PATH") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise LibrarianError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     return parse_params(raw, source=str(path))
+
+
+def read_yaml(text: str):
+    """YAML as DVC reads params.yaml: ruamel's safe loader, YAML 1.2. PyYAML's YAML 1.1 read
+    `lr: 1e-4` as text, which DVC read as a number: DVC then saw no change to rerun, and a stage
+    that ran refused what DVC had accepted. One reading for both."""
+    return YAML(typ="safe").load(text)
 
 
 def parse_params(raw: object, source: str = "params") -> Params:
@@ -447,16 +453,33 @@ def parse_params(raw: object, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        errors = exc.errors()
+        # A misspelt key is both unknown and missing: name the unknown one first, with its nearest known key.
+        errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        first, meant = errors[0], _meant(errors)
+        if meant is not None:  # one problem, told once: the misspelt key and the key it was meant to be
+            errors.remove(meant)
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise LibrarianError(f"{source}: {_describe(errors[0])}{more}") from None
+        raise LibrarianError(f"{source}: {_describe(first, meant)}{more}") from None
 
 
-def _describe(error: dict) -> str:
+def _meant(errors: list[dict]) -> dict | None:
+    """The missing key a first, unknown key was meant to be: the one key missing in its section
+    (learning_rate for lr, however unlike), or None."""
+    if errors[0]["type"] != "extra_forbidden":
+        return None
+    section = errors[0]["loc"][:-1]
+    beside = [e for e in errors if e["type"] == "missing" and e["loc"][:-1] == section]
+    return beside[0] if len(beside) == 1 else None
+
+
+def _describe(error: dict, meant: dict | None = None) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
+        if meant is not None:
+            known = ".".join(str(part) for part in meant["loc"])
+            return f"unknown key {key} (did you mean {known}, which is missing?); fix its spelling"
         return f"unknown key {key}{_did_you_mean(loc)}; remove it or fix its spelling"
     if kind == "missing":
         return f"missing key {key}; add it (see the params reference, docs/reference/params.md)"
@@ -464,7 +487,7 @@ def _describe(error: dict) -> str:
     if kind.endswith("_type") or kind in {"int_from_float", "model_type"}:
         hint = ""
         if kind == "float_type" and isinstance(error["input"], str):
-            hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
+            hint = " (quoted, it is text: remove the quotes)"
         return f"{key} has the wrong type: {message[0].lower()}{message[1:]}, got {error['input']!r}{hint}"
     got = "" if kind == "value_error" else f", got {error['input']!r}"
     return f"{key}: {message[0].lower()}{message[1:]}{got}"

@@ -44,3 +44,39 @@ def check_replaceable(out: Path, foreign: list[str], refusal: str, force: bool =
         raise LibrarianError(refusal.format(out=out, held=held))
     if not force:
         raise LibrarianError(earlier.format(out=out))
+
+
+def recorded_output(path: str | Path) -> str | None:
+    """The pipeline output (as dvc.lock names it, e.g. "data/model") that holds `path`, when the
+    nearest dvc.lock above it records one: a missing file there is one `dvc checkout` away, not a
+    retraining away (DVC deletes a stage's outputs before it runs it, so a failed run leaves them
+    missing from the workspace, but whole in the cache)."""
+    import yaml
+
+    target = Path(os.path.abspath(path))
+    for root in target.parents:
+        lock = root / "dvc.lock"
+        if lock.is_file():
+            break
+    else:
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None  # a damaged lock: no hint rather than a second error
+    wanted = target.relative_to(root)
+    for stage in stages.values():
+        for out in stage.get("outs", []) if isinstance(stage, dict) else []:
+            if wanted.is_relative_to(Path(out["path"])):
+                return out["path"]
+    return None
+
+
+def missing_fix(path: str | Path, otherwise: str) -> str:
+    """What to tell a user whose `path` is missing: `dvc checkout` when dvc.lock records its output,
+    else `otherwise` (the stage that makes it)."""
+    out = recorded_output(path)
+    if out is None:
+        return otherwise
+    return (f"dvc.lock records {out}: `dvc checkout {out}` brings back the last one the pipeline made "
+            f"(`dvc pull {out}` if this clone's cache lacks it), or {otherwise.removesuffix('.')}")

@@ -401,6 +401,12 @@ def _hub_offline(offline: bool):
 # --- local files -----------------------------------------------------------------------------
 
 
+def check_source(source: str, root: str | Path) -> None:
+    """Refuse a local data.source that does not exist, as download would (a hub name is checked there)."""
+    if not source.startswith(HUB_PREFIX):
+        resolve_local(source, Path(root))
+
+
 def resolve_local(source: str, root: Path) -> Path:
     path = Path(source).expanduser()
     path = path if path.is_absolute() else root / path

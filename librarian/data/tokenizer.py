@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from librarian.core.config import REQUIRED_SPECIAL_TOKENS, TokenizerParams
 from librarian.core.errors import LibrarianError
 from librarian.core.io import open_stories, story_batches, write_text
+from librarian.core.paths import missing_fix
 
 EOT, PAD = REQUIRED_SPECIAL_TOKENS
 
@@ -69,7 +70,8 @@ def load_tokenizer(path: str | Path, fix: str = PIPELINE_FIX) -> Tokenizer:
     path = Path(path)
     if not path.exists():
         raise LibrarianError(f"tokenizer {path} not found; "
-                             + ("run `dvc repro train_tokenizer` first" if fix == PIPELINE_FIX else "check the path"))
+                             + missing_fix(path, "run `dvc repro train_tokenizer` first" if fix == PIPELINE_FIX
+                                           else "check the path"))
     if path.is_dir():  # not a damaged tokenizer: retraining would not help
         inside = path / "tokenizer.json"
         hint = f"did you mean {inside}?" if inside.is_file() else "give the path of the tokenizer.json file in it"

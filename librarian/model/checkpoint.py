@@ -19,6 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from librarian.core.errors import LibrarianError
 from librarian.core.io import atomic_dir, atomic_path, recover_dir
+from librarian.core.paths import missing_fix
 from librarian.model.gpt import GPT, GPTConfig
 
 # One metadata entry, a sorted JSON object: safetensors writes its metadata map in a random order,
@@ -87,7 +88,7 @@ def read_metadata(path: str | Path) -> dict:
     """The file's Librarian metadata entry, parsed: {"gpt_config": ..., "tokenizer_sha256": ...}."""
     path = Path(path)
     if not path.exists():
-        raise LibrarianError(f"model file {path} not found; train a model first (`dvc repro train`)")
+        raise LibrarianError(f"model file {path} not found; {missing_fix(path, 'train a model first (`dvc repro train`)')}")
     if path.is_dir():  # safetensors would say only "Is a directory"
         inside = path / "model.safetensors"
         hint = f"did you mean {inside}?" if inside.is_file() else "give the path of a .safetensors file in it"

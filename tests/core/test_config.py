@@ -1,6 +1,6 @@
 import pytest
 
-from librarian.core.config import load_params, parse_params
+from librarian.core.config import load_params, parse_params, read_yaml
 from librarian.core.errors import LibrarianError
 from tests.helpers import ROOT, set_dotted
 
@@ -21,7 +21,7 @@ BAD = [
     ("model.n_head", "DELETE", ["missing key model.n_head"]),
     ("data", "DELETE", ["missing key data"]),
     ("train.batch_size", "32", ["train.batch_size", "wrong type", "valid integer"]),
-    ("train.lr", "1e-4", ["train.lr", "wrong type", "1.0e-4"]),
+    ("train.lr", "1e-4", ["train.lr", "wrong type", "remove the quotes"]),  # quoted in the file: text
     ("train.amp", "yes", ["train.amp", "boolean"]),
     ("model.n_layer", 2.5, ["model.n_layer", "integer"]),
     ("train.batch_size", 0, ["train.batch_size", "greater than or equal to 1", "got 0"]),
@@ -116,3 +116,25 @@ def test_a_model_files_config_is_described_like_the_model_section():
     from librarian.core.config import GPTConfig
 
     assert all(field.description for field in GPTConfig.model_fields.values())
+
+
+def test_params_yaml_reads_as_dvc_reads_it(tmp_path):
+    """YAML 1.2, as DVC: `lr: 1e-4` is a number to both (PyYAML's YAML 1.1 made it text to Librarian
+    alone, so DVC saw nothing to rerun while a stage refused it)."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = (ROOT / "params.yaml").read_text().replace("\n  lr: ", "\n  lr: 1e-4 # was ", 1)
+    text = text.replace("\n  max_tokens: ", "\n  max_tokens: 1.5e6 # was ", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert (params.train.lr, params.train.max_tokens) == (1e-4, 1_500_000)
+    assert parse_yaml(text, "params.yaml")["train"]["lr"] == read_yaml(text)["train"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("wrong", ["learning_rate", "lrate"])
+def test_a_misspelt_key_is_named_with_the_key_it_was_meant_to_be(raw_params, wrong):
+    raw_params["train"][wrong] = raw_params["train"].pop("lr")
+    with pytest.raises(LibrarianError) as refused:
+        parse_params(raw_params)
+    assert str(refused.value) == (f"params: unknown key train.{wrong} (did you mean train.lr, which is missing?); "
+                                  "fix its spelling")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-
+from librarian.core.errors import LibrarianError
 
 
 # --- paths: writes stay inside data/ and metrics/ ---------------------------------------------
@@ -100,3 +100,50 @@ def test_the_source_is_read_through_dotdot_and_symlinks_and_never_written(sandbo
                for name in ("direct", "linked")}
     assert stories["direct"] == stories["linked"] and stories["direct"]
     assert snapshot(FIXTURE_CORPUS) == before
+
+
+LOCK = """schema: '2.0'
+stages:
+  train:
+    cmd: python -m stages.train data/tokens data/chat_tokens data/model metrics/train metrics/train_speed data/train_state
+    outs:
+    - path: data/model
+      hash: md5
+      md5: 94b4dcffd826418b454228d52bfc3fca.dir
+  evaluate:
+    cmd: python -m stages.evaluate data/model/model.safetensors data/tokens metrics/metrics.json
+    outs:
+    - path: metrics/metrics.json
+      hash: md5
+      md5: 907d91cb0000000000000000000000aa
+"""
+
+
+def test_a_missing_output_that_dvc_lock_records_is_one_checkout_away(tmp_path, monkeypatch):
+    """DVC deletes a stage's outputs before it runs it: after a failed run the model is missing from the
+    workspace but whole in the cache. generate, chat, serve and export (read_metadata), and compare say so."""
+    from librarian.cli.results import compare
+    from librarian.model.checkpoint import read_metadata
+
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LibrarianError) as model:
+        read_metadata("data/model/model.safetensors")
+    assert "`dvc checkout data/model` brings back" in str(model.value) and "`dvc repro train`" in str(model.value)
+    with pytest.raises(LibrarianError) as metrics:
+        compare("metrics/metrics.json")
+    assert "`dvc checkout metrics/metrics.json`" in str(metrics.value)
+
+
+def test_a_missing_file_no_dvc_lock_records_gets_the_stage_to_run(tmp_path, monkeypatch):
+    from librarian.data.tokenizer import load_tokenizer
+    from librarian.model.checkpoint import read_metadata
+
+    (tmp_path / "dvc.lock").write_text(LOCK)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LibrarianError) as outside:
+        read_metadata("elsewhere/model.safetensors")
+    assert "dvc checkout" not in str(outside.value) and "`dvc repro train`" in str(outside.value)
+    with pytest.raises(LibrarianError) as tokenizer:
+        load_tokenizer("data/tokenizer.json")  # not in this lock
+    assert "dvc checkout" not in str(tokenizer.value) and "dvc repro train_tokenizer" in str(tokenizer.value)

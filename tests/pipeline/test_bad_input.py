@@ -397,7 +397,7 @@ CASES = [
     ("params/amp not a boolean", lambda c: c.download(**{"train.amp": "ten"}),
      ["train.amp has the wrong type", "valid boolean", "'ten'"]),
     ("params/eval.amp as text", lambda c: c.download(**{"eval.amp": "yes"}), ["eval.amp has the wrong type"]),
-    ("params/1e-4 read as text", lambda c: c.download(**{"train.lr": "1e-4"}), ["train.lr", "write 1.0e-4"]),
+    ("params/1e-4 quoted", lambda c: c.download(**{"train.lr": "1e-4"}), ["train.lr", "remove the quotes"]),
     ("params/zero size", lambda c: c.download(**{"train.batch_size": 0}),
      ["train.batch_size", "greater than or equal to 1", "got 0"]),
     ("params/negative size", lambda c: c.download(**{"model.d_model": -16}),

@@ -58,3 +58,23 @@ def test_dvc_overrides_name_params_and_scripts_exist():
             # The stage's own arguments, as dvc.yaml runs it: a documented command with one too few fails.
             stage_args = {shlex.split(stage["cmd"])[2]: shlex.split(stage["cmd"])[3:] for stage in stages.values()}
             assert words[words.index("-m") + 2:] == stage_args[module], command
+
+
+def test_the_speedrun_command_the_benchmark_prints_is_the_one_the_docs_show(monkeypatch):
+    """`python benchmarks/speedrun.py --command speedrun` once left out data.source and data.fraction:
+    run after the demo, it trained on the 370-story fixture. Same settings, values read as DVC reads them."""
+    import importlib
+
+    from librarian.core.config import read_yaml
+
+    def settings(command: str) -> dict:
+        words = shlex.split(command)
+        pairs = [words[i + 1].partition("=") for i, word in enumerate(words) if word == "-S"]
+        return {key: read_yaml(value) for key, _, value in pairs}
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    printed = importlib.import_module("speedrun").dvc_command("speedrun")
+    documented = [c for c in commands() if c.startswith("dvc exp run -n speedrun ")]
+    assert len(documented) == 1
+    assert settings(printed) == settings(documented[0])
+    assert settings(printed)["data.source"] == "../shared/data/tinystories"

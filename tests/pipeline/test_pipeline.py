@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dvc_project import copy_built, dvc, dvc_json, make_project, ran, run, set_params, tool_env
+from tests.dvc_project import copy_built, dvc, dvc_json, files_under, make_project, ran, run, set_params, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_second_repro_runs_nothing_and_dag_shows_the_chain(project):
     mermaid = dvc("dag", "--md", cwd=project)
     names = dict(re.findall(r'(node\d+)\["(\w+)"\]', mermaid))
     edges = {(names[a], names[b]) for a, b in re.findall(r"(node\d+)-->(node\d+)", mermaid)}
-    assert edges == {("download", "subsample"), ("subsample", "clean"), ("clean", "train_tokenizer"),
+    assert edges == {("check_params", "download"), ("download", "subsample"), ("subsample", "clean"), ("clean", "train_tokenizer"),
                      ("clean", "tokenize"), ("train_tokenizer", "tokenize"), ("tokenize", "train"),
                      ("train", "evaluate"), ("tokenize", "evaluate"), ("train", "samples"),
                      ("train_tokenizer", "samples"),
@@ -112,6 +112,39 @@ def test_a_param_change_reruns_only_what_depends_on_it(project):
                                               "chat_data", "chat_tokens", *chat_model]
     set_params(project, **{"eval.stride": 8})
     assert ran(dvc("repro", cwd=project)) == ["evaluate", "evaluate_chat"]
+
+
+REFUSED = [("train.batch_size", 0, "train.batch_size"), ("train.device", "cuda", "train.device is cuda"),
+           ("model.dropout", 1.5, "model.dropout"), ("train.max_epochs", "ten", "train.max_epochs"),
+           ("train.lr", -1.0e-4, "train.lr"), ("train.schedule", "cosin", "train.schedule"),
+           ("model.context_length", 100000000, "model.context_length"),
+           ("data.source", "no/such/folder", "data.source 'no/such/folder' does not exist")]
+
+
+@pytest.mark.parametrize("key, value, named", REFUSED, ids=[case[0] for case in REFUSED])
+def test_a_refused_param_leaves_the_last_outputs_in_place(project, key, value, named):
+    """DVC deletes a stage's outputs before it runs it: a stage that refused its params left the user
+    without data/model. check_params refuses them first, and every output stays as it was."""
+    if key == "train.device":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU: train.device cuda is valid here")
+    before = {path: files_under(project, path) for path in ("data/model", "data/raw", "data/chat_model")}
+    original = (project / "params.yaml").read_text()
+    set_params(project, **{key: value})
+    try:
+        failed = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=tool_env(),
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert failed.returncode != 0
+    assert "Running stage 'check_params'" in failed.stdout and ran(failed.stdout) == []
+    assert named in failed.stdout + failed.stderr and "Traceback" not in failed.stdout + failed.stderr
+    assert {path: files_under(project, path) for path in before} == before
+    # The params fixed: the check passes with the same bytes, and nothing downstream reruns.
+    assert ran(dvc("repro", cwd=project)) == []
 
 
 def test_rerun_from_scratch_gives_identical_artifacts(project, tmp_path):
