@@ -3,7 +3,7 @@
     librarian generate --prompt "Once upon a time" [--temperature 0.8 --top-k 50 --top-p 0.95 ...]
     librarian chat [--temperature ...]
     librarian export --format hf OUT [--force]
-    librarian serve [--host 127.0.0.1 --port 8000 --api-key KEY]
+    librarian serve [--host 127.0.0.1 --port 8000 --allow-host NAME --allow-origin URL]  (key: $LIBRARIAN_API_KEY)
     librarian compare [--metrics metrics/metrics.json] [--reference results/reference.json]
     librarian runs [--all-commits]
     librarian plots [REV ...] [--out dvc_plots/offline]
@@ -103,8 +103,15 @@ def _add_serve(commands) -> None:
                        help="the address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 is every "
                             "network interface: anyone who can reach the machine can use the model)")
     serve.add_argument("--port", type=int, default=8000, help="the port (default: 8000; 0 = any free port)")
-    serve.add_argument("--api-key", default=os.environ.get("LIBRARIAN_API_KEY"),
-                       help="require `Authorization: Bearer KEY` on /v1 (default: $LIBRARIAN_API_KEY, else none)")
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` on /v1 (default: $LIBRARIAN_API_KEY, else none); "
+                            "prefer the variable: a key on the command line shows in `ps` to every user")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="accept requests whose Host header is NAME too (repeatable; * for any): a name this "
+                            "machine is reached by; IP addresses and localhost always pass")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                       help="let the web page at URL (an origin, like http://localhost:3000; repeatable; * for any) "
+                            "use the API; pages of other origins than the server's own are refused")
     serve.add_argument("--model-name", default=None,
                        help="the model's id in the API (default: librarian-chat or librarian-base, by the model)")
     _add_serve_limits(serve)
@@ -316,8 +323,8 @@ def run_serve(args: argparse.Namespace) -> None:
             raise LibrarianError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise LibrarianError(f"--port must be between 0 and 65535, got {args.port}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise LibrarianError("--api-key is empty; give a key, or leave the option out for no key")
+    check_access_flags(args)
+    args.api_key = api_key(args.api_key)
     try:  # from here on, a stop is the server's, even while it loads
         try:
             from librarian.inference import server
@@ -333,12 +340,37 @@ def run_serve(args: argparse.Namespace) -> None:
         sys.exit(process.exit_code(signal.SIGTERM))
 
 
+def api_key(given: str | None) -> str | None:
+    """The key from --api-key, with a warning, else from $LIBRARIAN_API_KEY; refused when empty."""
+    from librarian.core import process
+
+    source = "--api-key" if given is not None else "LIBRARIAN_API_KEY"
+    key = given if given is not None else os.environ.get("LIBRARIAN_API_KEY")
+    if key is not None and not key.strip():
+        raise LibrarianError(f"{source} is empty; give a key, or leave it out for no key")
+    if given is not None:  # every user of the machine can read a process's arguments; nobody else its environment
+        process.say("warning: --api-key shows the key to every user of this machine (ps); "
+                    "set LIBRARIAN_API_KEY instead")
+    return key
+
+
+def check_access_flags(args: argparse.Namespace) -> None:
+    from librarian.inference.guard import check_host_flag, check_origin_flag
+
+    try:
+        args.allow_host = [check_host_flag(name) for name in args.allow_host]
+        args.allow_origin = [check_origin_flag(origin) for origin in args.allow_origin]
+    except ValueError as exc:
+        raise LibrarianError(str(exc)) from None
+
+
 def serve(args: argparse.Namespace, server, generator) -> None:
     use_threads(args, generator)
     name = args.model_name or {CHAT_MODEL: "librarian-chat", BASE_MODEL: "librarian-base"}.get(
         args.model, args.model.stem)
     settings = server.ServeSettings(model_id=name, max_tokens_limit=args.max_tokens_limit,
-                                    max_request_bytes=args.max_request_bytes, api_key=args.api_key)
+                                    max_request_bytes=args.max_request_bytes, api_key=args.api_key,
+                                    allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin))
     print(describe_model(args.model), flush=True)
     server.serve(generator, settings, args.host, args.port, args.slots)
 

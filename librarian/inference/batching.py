@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from librarian.inference.generate import FINISH_LENGTH, Decoding, GenerationOptions, choose
+from librarian.inference.logprobs import Scores, token_scores
 from librarian.model.gpt import GPT
 
 log = logging.getLogger("librarian.serve")
@@ -43,7 +44,9 @@ class Job:
     """One sequence in the engine, and where its tokens go.
 
     emit(token) receives each new token id, then emit(None) once at the end; job.finish_reason
-    says why it ended. Both are called on the engine's thread and must not block.
+    says why it ended. Both are called on the engine's thread and must not block. With `logprobs`
+    set (k >= 0), each token's scores (its log-probability and the k likeliest tokens') are appended
+    to `scores` before the token is emitted (librarian/inference/logprobs.py).
     """
 
     decoding: Decoding
@@ -52,6 +55,8 @@ class Job:
     finish_reason: str | None = None
     tokens: int = 0  # tokens emitted
     error: str | None = field(default=None, repr=False)
+    logprobs: int | None = None
+    scores: list[Scores] = field(default_factory=list, repr=False)
 
 
 class Engine:
@@ -77,8 +82,8 @@ class Engine:
     # --- any thread ---
 
     def submit(self, prompt: list[int], options: GenerationOptions, stop_ids: tuple[int, ...],
-               emit: Callable[[int | None], None]) -> Job:
-        job = Job(Decoding(prompt, options, stop_ids, self.model.config.context_length), emit)
+               emit: Callable[[int | None], None], logprobs: int | None = None) -> Job:
+        job = Job(Decoding(prompt, options, stop_ids, self.model.config.context_length), emit, logprobs=logprobs)
         with self.wake:
             if self.closing:
                 raise RuntimeError("the engine is closed")
@@ -209,11 +214,13 @@ class Engine:
         """Sample a token for each job from its row of logits (len(jobs), V), and pass it on."""
         decodings = [job.decoding for job in jobs]
         tokens = choose(logits, [d.options for d in decodings], [d.generator for d in decodings])
-        for job, token in zip(jobs, tokens):
+        for row, (job, token) in enumerate(zip(jobs, tokens)):
             if job.cancelled:
                 continue
             if job.decoding.accept(token) is not None:
                 job.tokens += 1
+                if job.logprobs is not None:  # from the raw logits, before the sampling settings touch them
+                    job.scores.append(token_scores(logits[row], token, job.logprobs))
                 job.emit(token)
             if job.decoding.finish_reason is not None:
                 self._end(job, job.decoding.finish_reason)

@@ -8,9 +8,12 @@
 
 Every request's sequences decode in one shared Engine (librarian/inference/batching.py): requests that arrive
 while others decode join the running batch. Errors come back in OpenAI's JSON shape
-({"error": {"message", "type", "param", "code"}}) with 400, 401, 404 or 422; a bug gives a 500
-with the exception's name, never a traceback. A field the API has and Librarian does not use
-(frequency_penalty, logprobs, user...) is ignored, as other OpenAI-compatible servers do.
+({"error": {"message", "type", "param", "code"}}) with 400, 401, 403, 404, 415, 421 or 422; a bug gives a 500
+with the exception's name, never a traceback. `logprobs` and `top_logprobs` are answered
+(librarian/inference/logprobs.py). A field that asks for what this model cannot do (tools, a JSON
+response_format, echo, an image) is refused with a 400 naming it; one that only tunes what other
+models do (frequency_penalty, user...) is ignored, as other OpenAI-compatible servers do. Requests
+from other web pages are refused before any of this (librarian/inference/guard.py).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 from importlib import resources
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from librarian.core.errors import LibrarianError
@@ -44,9 +50,12 @@ from librarian.inference.generate import (
     TextStream,
     nth_seed,
 )
+from librarian.inference.guard import Access
+from librarian.inference.logprobs import Entry, TokenLog, TokenTexts
 
 MAX_CHOICES = 16
 MAX_STOPS = 4
+MAX_TOP_LOGPROBS = {"chat": 20, "completions": 5}  # OpenAI's limits
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,8 @@ class ServeSettings:
     max_tokens_limit: int = 1024  # the most tokens one reply may ask for (--max-tokens-limit)
     max_request_bytes: int = 262_144  # a request body beyond this is refused before it is parsed
     api_key: str | None = None
+    allow_hosts: tuple[str, ...] = ()  # Host names accepted beyond this server's own (--allow-host)
+    allow_origins: tuple[str, ...] = ()  # web pages that may use the API (--allow-origin)
     # Sampling when a request leaves a field out: `librarian generate`'s defaults, which suit a small
     # model better than OpenAI's temperature 1 with no top-k.
     defaults: GenerationOptions = GenerationOptions(temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=200)
@@ -125,6 +136,8 @@ class Sampling(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS["chat"])] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -133,9 +146,20 @@ class ChatRequest(Sampling):
             raise ValueError("messages is empty; send at least one message from the user")
         return messages
 
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true as well; send both", "top_logprobs",
+                           "logprobs_required")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS["completions"])] | None = None  # legacy: the count
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -147,6 +171,39 @@ class CompletionRequest(Sampling):
         if not strip_controls(prompt).strip():
             raise ValueError("the prompt is empty; give some text to continue")
         return prompt
+
+
+def unsupported(field: str, why: str, code: str = "unsupported_parameter") -> APIError:
+    return APIError(400, f"{field}: {why}", field, code)
+
+
+def check_supported(body: dict) -> None:
+    """Refuse what asks for something this model cannot do, rather than answer as if it had been done.
+
+    Values that ask for nothing (tools: [], tool_choice: "none", response_format text, echo: false)
+    pass: clients send them as defaults.
+    """
+    for field in ("tools", "functions"):
+        if body.get(field):
+            raise unsupported(field, f"this model cannot call tools or functions; leave {field} out")
+    for field in ("tool_choice", "function_call"):
+        if body.get(field) not in (None, "none"):
+            raise unsupported(field, f"this model cannot call tools or functions; leave {field} out")
+    form = body.get("response_format")
+    if form is not None and not (isinstance(form, dict) and form.get("type") == "text"):
+        raise unsupported("response_format", 'this model writes free text only, not JSON; leave response_format out '
+                                             'or send {"type": "text"}')
+    if body.get("echo") not in (None, False):
+        raise unsupported("echo", "the prompt is not echoed; leave echo out (you have the prompt already)")
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise unsupported(f"messages.{i}.content.{j}", f"this model reads text only, not {str(kind)[:40]} "
+                                  'parts; send the message as a string or as {"type": "text", "text": ...} parts',
+                                  "unsupported_content")
 
 
 # --- from request to sequences -----------------------------------------------------------------
@@ -212,7 +269,12 @@ class Server:
         prompt, _, _ = fit_prompt(history, message, budget, self.generator.encode, self.generator.decode)
         return prompt
 
-    def start(self, prompt: str, options: GenerationOptions, stop_strings: tuple[str, ...], n: int) -> list["Choice"]:
+    @cached_property
+    def texts(self) -> TokenTexts:  # made by the first request that asks for logprobs
+        return TokenTexts(self.generator.tokenizer)
+
+    def start(self, prompt: str, options: GenerationOptions, stop_strings: tuple[str, ...], n: int,
+              logprobs: int | None = None) -> list["Choice"]:
         ids = self.generator.encode(prompt)
         if not ids:
             raise APIError(400, "the prompt has no tokens; give some text", "prompt")
@@ -223,12 +285,14 @@ class Server:
             choice = Choice(self, i, len(ids[-self.context_length :]), stop_strings, self.mailbox)
             try:
                 choice.job = self.engine.submit(ids, replace(options, seed=nth_seed(options.seed, i)), (self.generator.eot,),
-                                                choice.emit)
+                                                choice.emit, logprobs)
             except RuntimeError:
                 for c in choices:
                     c.cancel()
                 raise APIError(503, "the server is shutting down; retry on another one", code="shutting_down",
                                kind="server_error") from None
+            if logprobs is not None:
+                choice.log = TokenLog(choice.job.scores, self.texts)
             choices.append(choice)
         return choices
 
@@ -258,6 +322,9 @@ class Mailbox:
             queue.put_nowait(item)
 
 
+Piece = tuple[str, list[Entry]]  # a piece of text, and the scored tokens that made it (with logprobs)
+
+
 class Choice:
     """One sequence of a request: the engine's tokens, turned into text pieces on the event loop."""
 
@@ -268,6 +335,7 @@ class Choice:
         self.mailbox = mailbox
         self.text = TextStream(server.generator.decode, stop_strings)
         self.job: Job | None = None
+        self.log: TokenLog | None = None  # the tokens' log-probabilities, when the request asked for them
         self.finish_reason: str | None = None
 
     def emit(self, token: int | None) -> None:  # on the engine's thread
@@ -281,12 +349,29 @@ class Choice:
     def completion_tokens(self) -> int:
         return self.job.tokens if self.job else 0
 
-    async def batches(self, chat: bool) -> AsyncIterator[list[str]]:
+    async def batches(self, chat: bool) -> AsyncIterator[list[Piece]]:
         """The text pieces of every token that has arrived, a list at a time (a stream writes each list
         at once); chat replies are trimmed as `librarian chat` shows them. self.finish_reason is set at
-        the end. A caller that stops early (a client gone) frees the engine's row."""
+        the end. A caller that stops early (a client gone) frees the engine's row.
+
+        With logprobs, a piece carries the tokens whose text it releases (text held back, as a possible
+        stop string or half a character, takes its tokens along when it comes out); at a stop string,
+        tokens that begin inside it are left out, as their text is; tokens whose text the chat trim
+        drops (spaces at the end) come in a last piece of no text."""
         trim = ReplyTrim() if chat else None
         shown = (lambda piece: trim.push(piece)) if chat else (lambda piece: piece)  # noqa: E731
+        scored: list[Entry] = []  # tokens released, waiting for a piece of text to go with
+
+        def piece(text: str, upto: int | None, last: bool = False) -> Piece | None:
+            """`text` with the tokens that start before character `upto` of the raw text (None: all)."""
+            nonlocal scored
+            if self.log is not None:
+                scored += self.log.take(upto)
+            if not text and not (last and scored):
+                return None
+            out, scored = (text, scored), []
+            return out
+
         try:
             ended = False
             while not ended:
@@ -298,15 +383,20 @@ class Choice:
                     if token is None:
                         ended = True
                         break
-                    pieces.append(shown(self.text.push(token)))
+                    if self.log is not None:
+                        self.log.push(token)
+                    text = shown(self.text.push(token))
                     if self.text.stopped:
                         self.finish_reason = FINISH_STOP
+                        pieces.append(piece(text, self.text.released, last=True))
                         yield [p for p in pieces if p]
                         return
+                    pieces.append(piece(text, self.text.released))
                 if ended:
-                    pieces.append(shown(self.text.finish()))
-                if any(pieces):
-                    yield [p for p in pieces if p]
+                    pieces.append(piece(shown(self.text.finish()), None, last=True))
+                pieces = [p for p in pieces if p]
+                if pieces:
+                    yield pieces
             if self.job.finish_reason == FINISH_ERROR:
                 raise APIError(500, f"decoding failed ({self.job.error}); see the server's log", code="decoding_failed",
                                kind="server_error")
@@ -326,15 +416,24 @@ def usage(choices: list[Choice]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def collect(choice: Choice, chat: bool) -> str:
-    return "".join(["".join(batch) async for batch in choice.batches(chat)])
+async def collect(choice: Choice, chat: bool) -> Piece:
+    """The whole text of a choice, and its scored tokens (with logprobs)."""
+    pieces = [piece async for batch in choice.batches(chat) for piece in batch]
+    return "".join(text for text, _ in pieces), [entry for _, entries in pieces for entry in entries]
+
+
+def logprobs_of(choice: Choice, entries: list[Entry], chat: bool) -> dict | None:
+    """The `logprobs` of a choice (or of a chunk of it) in the endpoint's shape; None when not asked for."""
+    if choice.log is None:
+        return None
+    return choice.log.chat(entries) if chat else choice.log.completion(entries)
 
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def merged(choices: list[Choice], chat: bool) -> AsyncIterator[tuple[Choice, list[str] | None]]:
+async def merged(choices: list[Choice], chat: bool) -> AsyncIterator[tuple[Choice, list[Piece] | None]]:
     """(choice, pieces) as the choices produce them, then (choice, None) when each one ends."""
     if len(choices) == 1:  # the usual case, without a task and a queue in between
         async for batch in choices[0].batches(chat):
@@ -368,8 +467,32 @@ async def merged(choices: list[Choice], chat: bool) -> AsyncIterator[tuple[Choic
             choice.cancel()
 
 
-def create_app(generator: Generator, engine: Engine, settings: ServeSettings) -> FastAPI:
+class Guard:
+    """The Host, Origin and Content-Type checks (librarian/inference/guard.py), before anything else runs.
+
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would relay every chunk of every stream
+    through a memory channel of its own.
+    """
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.access.refusal(scope["method"], Headers(scope=scope))
+            if refusal is not None:
+                await APIError(refusal.status, refusal.message, code=refusal.code).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(generator: Generator, engine: Engine, settings: ServeSettings, listen: str = "127.0.0.1") -> FastAPI:
+    """The app of a server listening on the address `listen` (whose names the Host check accepts)."""
     app = FastAPI(title="Librarian", docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.allow_origins:  # the pages allowed can read the replies: the browser needs CORS headers to let them
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(Guard, access=Access.of(listen, settings.allow_hosts, settings.allow_origins))  # outermost
     server = Server(generator, engine, settings)
     app.state.server = server
     page = resources.files("librarian.inference").joinpath("web/chat.html").read_text(encoding="utf-8")
@@ -431,7 +554,8 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings) ->
             prompt, stops = server.chat_prompt(req, options), STOP_STRINGS + tuple(req.stop)
         else:
             prompt, stops = strip_controls(req.prompt), tuple(req.stop)
-        return await respond(server.start(prompt, options, stops, req.n), req, chat=chat, model_id=settings.model_id)
+        choices = server.start(prompt, options, stops, req.n, req.logprob_count())
+        return await respond(choices, req, chat=chat, model_id=settings.model_id)
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request):
@@ -450,10 +574,11 @@ async def respond(choices: list[Choice], req: Sampling, chat: bool, model_id: st
     created = int(time.time())
     head = {"id": ident, "created": created, "model": model_id}
     if not req.stream:
-        texts = await asyncio.gather(*(collect(c, chat) for c in choices))
+        collected = await asyncio.gather(*(collect(c, chat) for c in choices))
         items = []
-        for choice, text in zip(choices, texts):
-            item = {"index": choice.index, "finish_reason": choice.finish_reason, "logprobs": None}
+        for choice, (text, entries) in zip(choices, collected):
+            item = {"index": choice.index, "finish_reason": choice.finish_reason,
+                    "logprobs": logprobs_of(choice, entries, chat)}
             item.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             items.append(item)
         return JSONResponse({**head, "object": kind, "choices": items, "usage": usage(choices)})
@@ -461,8 +586,9 @@ async def respond(choices: list[Choice], req: Sampling, chat: bool, model_id: st
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def chunk(choice: Choice, delta: dict | None, text: str | None, finish: str | None) -> str:
-        item = {"index": choice.index, "finish_reason": finish, "logprobs": None}
+    def chunk(choice: Choice, delta: dict | None, text: str | None, finish: str | None,
+              logprobs: dict | None = None) -> str:
+        item = {"index": choice.index, "finish_reason": finish, "logprobs": logprobs}
         item.update({"delta": delta} if chat else {"text": text})
         body = {**head, "object": chunk_kind, "choices": [item]}
         if include_usage:
@@ -478,7 +604,8 @@ async def respond(choices: list[Choice], req: Sampling, chat: bool, model_id: st
                 if batch is None:
                     yield chunk(choice, {}, "", choice.finish_reason)
                 else:  # an event per piece, written together: one send for all that arrived at once
-                    yield "".join(chunk(choice, {"content": piece}, piece, None) for piece in batch)
+                    yield "".join(chunk(choice, {"content": text}, text, None, logprobs_of(choice, entries, chat))
+                                  for text, entries in batch)
         except APIError as exc:  # headers are sent: the error goes in the stream, as OpenAI does
             yield sse({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": exc.code}})
             return
@@ -507,12 +634,15 @@ def check_key(request: Request, settings: ServeSettings) -> None:
     if settings.api_key is None:
         return
     given = request.headers.get("authorization", "")
-    scheme, _, key = given.partition(" ")
+    scheme, _, key = given.strip().partition(" ")
     if not given:
         raise APIError(401, "no API key: this server needs one, sent as the header `Authorization: Bearer <key>`",
                        code="missing_api_key")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), settings.api_key.encode()):
-        raise APIError(401, "the API key is wrong; send the one `librarian serve --api-key` was given",
+    if scheme.lower() != "bearer":  # a bare key, or another scheme: say how to send it, not that it is wrong
+        raise APIError(401, "the Authorization header does not start with `Bearer `; send the key as "
+                            "`Authorization: Bearer <key>`", code="invalid_api_key")
+    if not secrets.compare_digest(key.strip().encode(), settings.api_key.encode()):
+        raise APIError(401, "the API key is wrong; send the server's key (its LIBRARIAN_API_KEY, or --api-key)",
                        code="invalid_api_key")
 
 
@@ -549,6 +679,7 @@ def parse(schema: type[BaseModel], body: object):
 
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    check_supported(body)
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
@@ -600,7 +731,7 @@ def serve(generator: Generator, settings: ServeSettings, host: str, port: int, s
 
     sock = bind(host, port)
     engine = Engine(generator.model, slots=slots)
-    app = create_app(generator, engine, settings)
+    app = create_app(generator, engine, settings, listen=host)
 
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -31,11 +31,14 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 class Served:
     """A `librarian serve` subprocess and where it listens."""
 
-    def __init__(self, model: Path, tokenizer: Path, *extra: str):
+    def __init__(self, model: Path, tokenizer: Path, *extra: str, key: str | None = None):
+        env = {k: v for k, v in os.environ.items() if k != "LIBRARIAN_API_KEY"}
+        if key is not None:  # the way the docs recommend: in the environment, not on the command line
+            env["LIBRARIAN_API_KEY"] = key
         self.process = subprocess.Popen(
             [sys.executable, "-m", "librarian.cli.main", "serve", "--model", str(model), "--tokenizer", str(tokenizer),
              "--port", "0", "--max-tokens-limit", "512", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
         self.lines = []
         while True:
             line = self.process.stdout.readline()
@@ -81,7 +84,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(files):
-    server = Served(*files, "--api-key", KEY)
+    server = Served(*files, key=KEY)
     yield server
     server.stop()
 
@@ -282,6 +285,11 @@ BIG = "word " * 220_000  # about 1 MB
     ("/v1/completions", "MODEL:empty_prompt", HEADERS, 422, "invalid_value"),
     ("/v1/chat/completions", "MODEL:", {}, 401, "missing_api_key"),
     ("/v1/chat/completions", "MODEL:", {"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
+    ("/v1/chat/completions", "MODEL:", {"Authorization": KEY}, 401, "invalid_api_key"),
+    ("/v1/chat/completions", "MODEL:top_logprobs=3", HEADERS, 400, "logprobs_required"),
+    ("/v1/chat/completions", "MODEL:top_logprobs=21", HEADERS, 422, "invalid_value"),
+    ("/v1/completions", "MODEL:completion_logprobs=6", HEADERS, 422, "invalid_value"),
+    ("/v1/chat/completions", "MODEL:image", HEADERS, 400, "unsupported_content"),
     ("/v1/nothing", "MODEL:", HEADERS, 404, "not_found"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(served, path, body, headers, status, code):
@@ -304,8 +312,14 @@ def bad_body(served, case: str) -> dict:
         body["messages"].append({"role": "assistant", "content": "hello"})
     elif case == "empty_prompt":
         body = {"model": served.model, "prompt": "  "}
+    elif case == "image":
+        body["messages"][0]["content"] = [{"type": "text", "text": "What is this?"},
+                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    elif case.startswith("completion_"):
+        field, value = case.removeprefix("completion_").split("=", 1)
+        body = {"model": served.model, "prompt": "Once upon a time", "max_tokens": 5, field: json.loads(value)}
     elif "=" in case:
-        field, value = case.split("=")
+        field, value = case.split("=", 1)
         body[field] = json.loads(value)
     return body
 
@@ -315,8 +329,195 @@ def test_error_messages_name_the_fix(served):
     assert "512" in big and "--max-tokens-limit" in big
     key = httpx.get(served.url + "/v1/models").json()["error"]["message"]
     assert "Authorization: Bearer" in key
+    bare = httpx.get(served.url + "/v1/models", headers={"Authorization": KEY}).json()["error"]["message"]
+    assert "`Authorization: Bearer <key>`" in bare and "wrong" not in bare  # how to send it, not that it is wrong
+    image = served.post("/v1/chat/completions", bad_body(served, "image")).json()["error"]["message"]
+    assert "this model reads text only" in image and "messages.0.content.1" in image
     assert httpx.get(served.url + "/health").status_code == 200  # health and the page need no key
     assert httpx.get(served.url + "/").status_code == 200
+
+
+# --- what the API cannot do is refused by name; what only tunes still passes -------------------------------------
+
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "tools", [TOOL]),
+    ("/v1/chat/completions", "functions", [TOOL["function"]]),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "tool_choice", {"type": "function", "function": {"name": "weather"}}),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("/v1/completions", "echo", True),
+])
+def test_fields_this_model_cannot_honour_get_a_400_naming_them(served, path, field, value):
+    body = chat_body(served, max_tokens=5) if "chat" in path else {"model": served.model, "prompt": "Once",
+                                                                    "max_tokens": 5}
+    response = served.post(path, {**body, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["code"] == "unsupported_parameter"
+    assert error["message"].startswith(f"{field}: ")
+    assert len(error["message"].splitlines()) == 1 and "Traceback" not in response.text
+
+
+def test_fields_that_ask_for_nothing_or_only_tune_still_pass(served):
+    quiet = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "user": "someone",
+             "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "parallel_tool_calls": False,
+             "store": False, "metadata": {"a": "b"}, "service_tier": "auto", "logprobs": False}
+    body = chat_body(served, max_tokens=8, seed=4)
+    plain, tuned = (served.post("/v1/chat/completions", b).json() for b in (body, {**body, **quiet}))
+    assert tuned["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert tuned["choices"][0]["logprobs"] is None
+    echo = served.post("/v1/completions", {"model": served.model, "prompt": "Once", "max_tokens": 3, "echo": False})
+    assert echo.status_code == 200, echo.text
+    # Text parts are read as the same text in a string (joined with a space).
+    parts = [{"type": "text", "text": "Tell me a story"}, {"type": "text", "text": "about a cat."}]
+    split = served.post("/v1/chat/completions", chat_body(served, parts, max_tokens=8, seed=4)).json()
+    assert split["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+# --- logprobs -------------------------------------------------------------------------------------------------
+
+
+def model_logprobs(generator, prompt: str, reply: list[int]):
+    """The model's own log-probabilities (len(reply), V) of each next token of `reply` after `prompt`: one forward
+    pass over both, as training scores text, independent of the server's decoding."""
+    import torch
+
+    ids = generator.encode(prompt)
+    with torch.inference_mode():
+        logits, _ = generator.model(torch.tensor([ids + reply]))
+    return torch.log_softmax(logits[0].float(), -1)[len(ids) - 1 : -1]
+
+
+def sampled_ids(generator, prompt: str, max_tokens: int, seed: int) -> list[int]:
+    """The tokens a lone request samples for `prompt` (the server's tokens, as the tests above show)."""
+    from librarian.inference.generate import GenerationOptions, generate_ids
+
+    options = GenerationOptions(temperature=0.9, top_k=50, top_p=0.95, max_new_tokens=max_tokens, seed=seed)
+    return list(generate_ids(generator.model, generator.encode(prompt), options, (generator.eot,)))
+
+
+def check_scored(generator, prompt: str, seed: int, max_tokens: int, top: int, tokens: list[str],
+                 raw: list[bytes | None], logprobs: list[float], tops: list[list[tuple[str, float]]]):
+    """The returned log-probabilities are the model's own for the sampled tokens; the alternatives, its likeliest."""
+    ids = sampled_ids(generator, prompt, max_tokens, seed)
+    assert 1 <= len(tokens) <= len(ids)  # fewer only where a stop string cut the reply
+    ids = ids[: len(tokens)]
+    own = model_logprobs(generator, prompt, ids)
+    expected = [float(own[i, t]) for i, t in enumerate(ids)]
+    assert abs(sum(logprobs) - sum(expected)) < 1e-4, (sum(logprobs), sum(expected))
+    assert logprobs == pytest.approx(expected, abs=1e-4)
+    for i, token in enumerate(ids):
+        alone = generator.decode([token])
+        if "\ufffd" not in alone:  # a whole character or more: its text and bytes are plain
+            assert tokens[i] == alone and (raw[i] is None or raw[i] == alone.encode())
+        names, values = [t for t, _ in tops[i]], [v for _, v in tops[i]]
+        assert len(tops[i]) == top and values == sorted(values, reverse=True)
+        likeliest = own[i].topk(top)
+        assert values == pytest.approx(likeliest.values.tolist(), abs=1e-4)
+        if top and logprobs[i] >= values[-1] + 1e-6:
+            assert tokens[i] in names
+    if raw[0] is not None and "\ufffd" not in generator.decode(ids):
+        assert b"".join(raw) == generator.decode(ids).encode()
+
+
+CHAT_PROMPT = "User: Tell me a story about a cat.\nAssistant:"
+
+
+def chat_entries(logprobs: dict) -> tuple[list, list, list, list]:
+    content = logprobs["content"]
+    return ([e["token"] for e in content], [bytes(e["bytes"]) for e in content], [e["logprob"] for e in content],
+            [[(t["token"], t["logprob"]) for t in e["top_logprobs"]] for e in content])
+
+
+def completion_entries(logprobs: dict) -> tuple[list, list, list, list]:
+    return (logprobs["tokens"], [None] * len(logprobs["tokens"]), logprobs["token_logprobs"],
+            [list(top.items()) for top in logprobs["top_logprobs"]])
+
+
+def stream_events(served, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", served.url + path, json={**body, "stream": True}, headers=HEADERS, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert all("error" not in e for e in events), events
+    return events
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_logprobs_are_the_models_own_log_likelihood_of_the_reply(served, generator, stream):
+    body = chat_body(served, seed=21, max_tokens=24, temperature=0.9, logprobs=True, top_logprobs=5, n=2)
+    if stream:
+        events = stream_events(served, "/v1/chat/completions", body)
+        merged_logprobs = {0: {"content": []}, 1: {"content": []}}
+        for event in events:
+            for choice in event["choices"]:
+                if choice["logprobs"]:
+                    merged_logprobs[choice["index"]]["content"] += choice["logprobs"]["content"]
+        choices = [{"index": i, "logprobs": merged_logprobs[i]} for i in (0, 1)]
+    else:
+        reply = served.post("/v1/chat/completions", body).json()
+        choices = reply["choices"]
+        assert sum(len(c["logprobs"]["content"]) for c in choices) == reply["usage"]["completion_tokens"]
+    for choice in choices:  # choice i samples with seed + i
+        check_scored(generator, CHAT_PROMPT, 21 + choice["index"], 24, 5, *chat_entries(choice["logprobs"]))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_completion_logprobs_are_the_models_own_log_likelihood_and_offsets_index_the_text(served, generator, stream):
+    body = {"model": served.model, "prompt": "Once upon a time", "max_tokens": 24, "seed": 8, "temperature": 0.9,
+            "logprobs": 3}
+    if stream:
+        events = stream_events(served, "/v1/completions", body)
+        text = "".join(e["choices"][0]["text"] for e in events)
+        logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for event in events:
+            for field, values in (event["choices"][0]["logprobs"] or {}).items():
+                logprobs[field] += values
+    else:
+        choice = served.post("/v1/completions", body).json()["choices"][0]
+        text, logprobs = choice["text"], choice["logprobs"]
+    check_scored(generator, "Once upon a time", 8, 24, 3, *completion_entries(logprobs))
+    offsets = logprobs["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    for token, start, end in zip(logprobs["tokens"], offsets, offsets[1:] + [len(text)]):
+        if not token.startswith("bytes:"):
+            assert text[start:end] == token
+
+
+def test_logprobs_stop_with_the_text_at_a_stop_string(served, generator):
+    from librarian.inference.generate import GenerationOptions
+
+    text = generator.complete("Once upon a time", GenerationOptions(temperature=0, max_new_tokens=40))
+    stop = text.split()[3]
+    body = {"model": served.model, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 40, "stop": [stop],
+            "logprobs": 0}
+    choice = served.post("/v1/completions", body).json()["choices"][0]
+    cut, logprobs = choice["text"], choice["logprobs"]
+    assert choice["finish_reason"] == "stop" and cut == text[: text.index(stop)]
+    # The tokens that make the text are there, and none that begins inside the stop string.
+    assert "".join(logprobs["tokens"]).startswith(cut) and all(o < len(cut) for o in logprobs["text_offset"])
+    assert logprobs["top_logprobs"] == [{}] * len(logprobs["tokens"])  # logprobs 0: the tokens' own only
+
+
+def test_openai_client_reads_logprobs(client, served, generator):
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    chunks = list(client.chat.completions.create(model=served.model, messages=messages, seed=30, max_tokens=16,
+                                                 temperature=0.9, logprobs=True, top_logprobs=2, stream=True))
+    content = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    check_scored(generator, CHAT_PROMPT, 30, 16, 2, [e.token for e in content], [bytes(e.bytes) for e in content],
+                 [e.logprob for e in content], [[(t.token, t.logprob) for t in e.top_logprobs] for e in content])
+    whole = client.chat.completions.create(model=served.model, messages=messages, seed=30, max_tokens=16,
+                                           temperature=0.9, logprobs=True)
+    assert [e.logprob for e in whole.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert all(e.top_logprobs == [] for e in whole.choices[0].logprobs.content)
+    completion = client.completions.create(model=served.model, prompt="Once upon a time", max_tokens=16, seed=31,
+                                           temperature=0.9, logprobs=4)
+    lp = completion.choices[0].logprobs
+    check_scored(generator, "Once upon a time", 31, 16, 4, lp.tokens, [None] * len(lp.tokens), lp.token_logprobs,
+                 [list(top.items()) for top in lp.top_logprobs])
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -356,6 +557,23 @@ def test_a_stop_signal_ends_the_replies_in_flight_cleanly_with_one_line(files, s
 ])
 def test_bad_command_lines_get_one_line(files, capsys, args, message):
     assert serve_fails(capsys, files, *args).startswith(message)
+
+
+def test_the_key_is_read_from_the_environment_and_one_on_the_command_line_is_warned_about(files, served):
+    assert served.health()["auth"]  # the fixture's key came from LIBRARIAN_API_KEY alone
+    assert httpx.get(served.url + "/v1/models", headers=HEADERS).status_code == 200
+    server = Served(*files, "--api-key", "visible")
+    try:
+        assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer visible"}).status_code == 200
+    finally:
+        _, stderr = server.stop()
+    assert stderr.startswith("warning: --api-key shows the key to every user of this machine (ps); "
+                             "set LIBRARIAN_API_KEY instead\n"), stderr
+
+
+def test_an_empty_key_in_the_environment_is_one_line(files, capsys, monkeypatch):
+    monkeypatch.setenv("LIBRARIAN_API_KEY", " ")
+    assert serve_fails(capsys, files).startswith("error: LIBRARIAN_API_KEY is empty")
 
 
 def test_a_port_in_use_is_one_line(files, capsys, served):
