@@ -66,6 +66,9 @@ def _add_generate(commands) -> None:
     add_sampling_options(generate)
     generate.add_argument("--num-samples", type=int, default=1,
                           help="continuations to print, each from seed + i when --seed is given (default: 1)")
+    generate.add_argument("--negative-prompt", default=None,
+                          help="with --guidance: the text guidance leans away from (default: none, the prompt's "
+                               "last token alone)")
 
 
 def _add_chat(commands) -> None:
@@ -76,6 +79,9 @@ def _add_chat(commands) -> None:
                                    f"The model is {MODEL_RULE} (--model chooses); the first line says which.")
     add_model_options(chat)
     add_sampling_options(chat)
+    chat.add_argument("--negative-prompt", default=None,
+                      help="with --guidance: the request that takes the place of yours in guidance's negative "
+                           'prompt, the same conversation otherwise (default: "Tell me a story.")')
 
 
 def _add_export(commands) -> None:
@@ -203,6 +209,9 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
     parser.add_argument("--seed", type=int, default=None, help="make the sampling repeatable (default: random)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (slower)")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale, 0 < G <= 20: 1 = off (default); above 1 the text "
+                             "follows the prompt more closely, at two forward passes a token")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads; 0 = auto: the fastest for the model's size (default: 0)")
 
@@ -227,7 +236,8 @@ def options_from(args: argparse.Namespace):
     from librarian.inference.generate import GenerationOptions
 
     return GenerationOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             max_new_tokens=args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache)
+                             max_new_tokens=args.max_new_tokens, seed=args.seed, use_cache=not args.no_cache,
+                             guidance=args.guidance)
 
 
 def use_threads(args: argparse.Namespace, generator) -> None:
@@ -266,6 +276,9 @@ def run_generate(args: argparse.Namespace) -> None:
         raise LibrarianError('the prompt is empty; give some text to continue, e.g. --prompt "Once upon a time"')
     generator = Generator.load(args.model, args.tokenizer)
     use_threads(args, generator)
+    if args.negative_prompt is not None:
+        negative = strip_controls(utf8_argument(args.negative_prompt, "--negative-prompt"))
+        options = replace(options, negative=tuple(generator.encode(negative)))
     # On stderr: stdout carries only the text, so `librarian generate ... > story.txt` stays clean.
     print(describe_model(args.model), file=sys.stderr, flush=True)
     tokens, context = len(generator.encode(prompt)), generator.model.config.context_length
@@ -309,7 +322,9 @@ def run_chat(args: argparse.Namespace) -> None:
             return line
 
     print(describe_model(args.model), flush=True)  # the line before the banner
-    chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout)
+    neutral = chat.NEUTRAL_REQUEST if args.negative_prompt is None else \
+        chat.one_line(utf8_argument(args.negative_prompt, "--negative-prompt"))
+    chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout, neutral_request=neutral)
 
 
 def run_serve(args: argparse.Namespace) -> None:

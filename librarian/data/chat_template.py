@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 USER, ASSISTANT = "User:", "Assistant:"
+# A request that asks for nothing in particular: chat_data's first `plain` phrasing (a test keeps them
+# equal). Guidance's negative prompt replaces the user's last request with it (librarian/inference/chat.py).
+NEUTRAL_REQUEST = "Tell me a story."
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from librarian.inference.generate import FINISH_LENGTH, Decoding, GenerationOptions, choose
+from librarian.inference.generate import FINISH_LENGTH, Decoding, GenerationOptions, Window, choose, guided_logits
 from librarian.inference.logprobs import Scores, token_scores
 from librarian.model.gpt import GPT
 
@@ -59,6 +59,18 @@ class Job:
     scores: list[Scores] = field(default_factory=list, repr=False)
 
 
+@dataclass(eq=False)
+class _Row:
+    """What a row of the cache decodes: a job's own window, or (guidance) its negative prompt's."""
+
+    job: Job
+    window: Window
+
+
+def _rows_of(job: Job) -> int:
+    return 1 if job.decoding.negative is None else 2
+
+
 class Engine:
     """Decode many sequences together on a thread of its own."""
 
@@ -69,7 +81,7 @@ class Engine:
         self.cache = model.new_slot_cache(slots)
         self.slots = slots
         self.device = model.tok_emb.weight.device
-        self.rows: list[Job] = []  # row i of the cache holds rows[i]
+        self.rows: list[_Row] = []  # row i of the cache holds rows[i]
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
         self.closing = False
@@ -84,6 +96,8 @@ class Engine:
     def submit(self, prompt: list[int], options: GenerationOptions, stop_ids: tuple[int, ...],
                emit: Callable[[int | None], None], logprobs: int | None = None) -> Job:
         job = Job(Decoding(prompt, options, stop_ids, self.model.config.context_length), emit, logprobs=logprobs)
+        if _rows_of(job) > self.slots:
+            raise ValueError(f"a guided sequence takes 2 rows, and this engine has {self.slots} slot")
         with self.wake:
             if self.closing:
                 raise RuntimeError("the engine is closed")
@@ -99,7 +113,11 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self.rows) + len(self.waiting)
+        return len(self._jobs())
+
+    def _jobs(self) -> list[Job]:
+        """Every job decoding or waiting, once each (a guided job has two rows)."""
+        return list({id(e.job): e.job for e in self.rows}.values()) + list(self.waiting)
 
     def stop(self) -> None:
         """End every job (finish reason `cancelled`) at the next step and refuse new ones; returns at once
@@ -133,33 +151,34 @@ class Engine:
                     self.step()
             except Exception as exc:  # noqa: BLE001 - a bug must end the requests, not hang them
                 log.exception("decoding failed")
-                for job in self.rows + list(self.waiting):
+                for job in self._jobs():
                     job.error = f"{type(exc).__name__}: {exc}"
                     self._end(job, FINISH_ERROR)
                 self.rows, self.cache.rows = [], 0
                 self.waiting.clear()
-        for job in self.rows + list(self.waiting):
+        for job in self._jobs():
             self._end(job, FINISH_CANCELLED)
         self.rows, self.cache.rows = [], 0
         self.waiting.clear()
 
     def step(self) -> None:
         """One step for every sequence: drop the ended ones, refill slid windows, decode the rest
-        together, then admit waiting requests."""
+        together, sample, then admit waiting requests."""
         self._drop_ended()
-        refilled = set()
-        for row, job in enumerate(self.rows):
-            window = job.decoding.refill()
+        logits = {}
+        for row, entry in enumerate(self.rows):
+            window = entry.window.refill()
             if window is not None:  # the window slid: run it alone, as generate_ids does
-                self._prefill(job, window, row)
-                refilled.add(row)
-        if len(refilled) < len(self.rows):
-            self._decode_rows(refilled)
+                logits[row] = self._prefill(window, row)
+        if len(logits) < len(self.rows):
+            logits |= self._decode_rows(set(logits))
+        self._accept(logits)
         self._admit()
 
     def _drop_ended(self) -> None:
         for row in range(len(self.rows) - 1, -1, -1):
-            job = self.rows[row]
+            entry = self.rows[row]
+            job = entry.job
             if job.cancelled or job.finish_reason is not None or job.decoding.finish_reason is not None:
                 if job.finish_reason is None:
                     self.cancelled += job.cancelled
@@ -173,31 +192,37 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows, at most ADMIT_PER_STEP a step: a burst of arrivals
-        then delays the running sequences by a few prefills a step, not by all of them at once."""
+        then delays the running sequences by a few prefills a step, not by all of them at once.
+        A guided request takes two rows: its prompt's and its negative prompt's."""
         admitted = 0
-        while len(self.rows) < self.slots and admitted < ADMIT_PER_STEP:
-            admitted += 1
+        while admitted < ADMIT_PER_STEP:
             with self.wake:
-                if not self.waiting:
+                if not self.waiting or len(self.rows) + _rows_of(self.waiting[0]) > self.slots:
                     return
                 job = self.waiting.popleft()
+            admitted += 1
             if job.cancelled:
                 self._end(job, FINISH_CANCELLED)
                 continue
-            row = len(self.rows)
-            self.rows.append(job)
-            self.cache.rows = len(self.rows)
-            self._prefill(job, job.decoding.refill(), row)
+            logits = {}
+            for window in filter(None, (job.decoding.window, job.decoding.negative)):
+                row = len(self.rows)
+                self.rows.append(_Row(job, window))
+                self.cache.rows = len(self.rows)
+                logits[row] = self._prefill(window.refill(), row)
+            self._accept(logits)
 
-    def _prefill(self, job: Job, window: list[int], row: int) -> None:
+    def _prefill(self, window: list[int], row: int) -> torch.Tensor:
+        """Run `window` alone from an empty cache, load the cache into `row`; its next-token logits (V,)."""
         cache = self.model.new_cache()
         hidden = self.model.hidden(torch.tensor([window], device=self.device), cache)
-        self._accept([job], self.model.next_logits(hidden[0, -1]).cpu().unsqueeze(0))  # as generate_ids: the same bits
         self.cache.load(row, cache)
+        return self.model.next_logits(hidden[0, -1]).cpu()  # as generate_ids: the same bits
 
-    def _decode_rows(self, skip: set[int]) -> None:
-        """One forward pass over every row; rows in `skip` (refilled this step) are fed and then undone."""
-        last = torch.tensor([[job.decoding.ids[-1]] for job in self.rows], device=self.device)
+    def _decode_rows(self, skip: set[int]) -> dict[int, torch.Tensor]:
+        """One forward pass over every row; rows in `skip` (refilled this step) are fed and then undone.
+        The logits (V,) of every other row."""
+        last = torch.tensor([[entry.window.ids[-1]] for entry in self.rows], device=self.device)
         hidden = self.model.hidden(last, self.cache)[:, 0]
         # One row takes generate_ids' matrix-vector product for the head: a lone request's tokens are then
         # generate's, bit for bit.
@@ -207,23 +232,38 @@ class Engine:
         self.peak_rows = max(self.peak_rows, len(self.rows))
         for row in skip:  # their key and value went past their length: masked, and overwritten next
             self.cache.take_back(row)
-        rows = [row for row in range(len(self.rows)) if row not in skip]
-        self._accept([self.rows[row] for row in rows], logits[rows] if skip else logits)
+        return {row: logits[row] for row in range(len(self.rows)) if row not in skip}
 
-    def _accept(self, jobs: list[Job], logits: torch.Tensor) -> None:
-        """Sample a token for each job from its row of logits (len(jobs), V), and pass it on."""
+    def _accept(self, logits: dict[int, torch.Tensor]) -> None:
+        """Sample a token for each job from its rows' logits (row -> (V,)), and pass it on. A guided
+        job's two rows make one distribution (guided_logits), as in generate_ids."""
+        jobs, rows = [], []
+        negative_rows = {id(e.job): r for r, e in enumerate(self.rows) if e.window is e.job.decoding.negative}
+        for row, entry in enumerate(self.rows):
+            if row in logits and entry.window is entry.job.decoding.window:
+                jobs.append(entry.job)
+                rows.append(row)
+        if not jobs:
+            return
+        chosen = torch.stack([self._distribution(job, logits[row], logits, negative_rows) for job, row in zip(jobs, rows)])
         decodings = [job.decoding for job in jobs]
-        tokens = choose(logits, [d.options for d in decodings], [d.generator for d in decodings])
-        for row, (job, token) in enumerate(zip(jobs, tokens)):
+        tokens = choose(chosen, [d.options for d in decodings], [d.generator for d in decodings])
+        for job, row, token in zip(jobs, rows, tokens):
             if job.cancelled:
                 continue
             if job.decoding.accept(token) is not None:
                 job.tokens += 1
-                if job.logprobs is not None:  # from the raw logits, before the sampling settings touch them
+                if job.logprobs is not None:  # from the raw logits, before guidance and the sampling settings
                     job.scores.append(token_scores(logits[row], token, job.logprobs))
                 job.emit(token)
             if job.decoding.finish_reason is not None:
                 self._end(job, job.decoding.finish_reason)
+
+    @staticmethod
+    def _distribution(job: Job, own: torch.Tensor, logits: dict[int, torch.Tensor], negative_rows: dict) -> torch.Tensor:
+        if job.decoding.negative is None:
+            return own
+        return guided_logits(own, logits[negative_rows[id(job)]], job.decoding.options.guidance)
 
     def _end(self, job: Job, reason: str) -> None:
         if job.finish_reason is None:

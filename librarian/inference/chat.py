@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import TextIO
 
 from librarian.core.errors import LibrarianError
-from librarian.data.chat_template import ASSISTANT, USER, Turn, render_prompt
+from librarian.data.chat_template import ASSISTANT, NEUTRAL_REQUEST, USER, Turn, render_prompt
 from librarian.inference.generate import GenerationOptions, Generator, nth_seed
 
 STOP_STRINGS = (USER,)  # <|endoftext|> is a stop token in Generator.stream already
@@ -43,17 +43,24 @@ COMMANDS = {
     "/temp X": "sampling temperature, X >= 0 (0 = greedy)",
     "/topk N": "sample from the N likeliest tokens only, N >= 0 (0 = off)",
     "/topp P": "sample from the smallest set of tokens holding probability P, 0 < P <= 1 (1 = off)",
+    "/guide G": "guidance toward the request, 0 < G <= 20 (1 = off; 2 follows the request more closely)",
     "/help": "show this list",
     "/quit": "leave (Ctrl-D does too)",
 }
 
 # command -> (GenerationOptions field, value type, example value)
-SETTINGS = {"/temp": ("temperature", float, "0.8"), "/topk": ("top_k", int, "50"), "/topp": ("top_p", float, "0.95")}
+SETTINGS = {"/temp": ("temperature", float, "0.8"), "/topk": ("top_k", int, "50"), "/topp": ("top_p", float, "0.95"),
+            "/guide": ("guidance", float, "2")}
 
 
 def strip_controls(text: str) -> str:
     """`text` without C0/C1 control characters (tab and newline kept)."""
     return _CONTROLS.sub("", text)
+
+
+def one_line(text: str) -> str:
+    """A message as the card's format holds it: one line, no control characters."""
+    return " ".join(strip_controls(text).split())
 
 
 Encode = Callable[[str], list[int]]
@@ -95,6 +102,15 @@ def fit_prompt(
     return render_prompt(history[len(history) - kept :], message), kept, message
 
 
+def negative_prompt(history: list[Turn], budget: int, encode: Encode, decode: Decode,
+                    request: str = NEUTRAL_REQUEST) -> str:
+    """Guidance's negative prompt in a chat: the same conversation, its last request replaced by a
+    neutral one. Guidance then leans toward what the request asks for, and away from what any story
+    would have. `history` is the turns the reply's own prompt kept."""
+    prompt, _, _ = fit_prompt(history, request, budget, encode, decode)
+    return prompt
+
+
 def prompt_budget(context_length: int, max_new_tokens: int) -> int:
     """Tokens the prompt may use; the rest of the context is left for the reply."""
     reply_room = max(1, min(max_new_tokens, context_length // 4))
@@ -104,8 +120,9 @@ def prompt_budget(context_length: int, max_new_tokens: int) -> int:
 class ChatSession:
     """The state of one conversation: history, generation options and the commands that change them."""
 
-    def __init__(self, generator: Generator, options: GenerationOptions = GenerationOptions()):
-        self.generator, self.options = generator, options
+    def __init__(self, generator: Generator, options: GenerationOptions = GenerationOptions(),
+                 neutral_request: str = NEUTRAL_REQUEST):
+        self.generator, self.options, self.neutral_request = generator, options, neutral_request
         self.history: list[Turn] = []
         self.replies = 0  # replies started: reply i samples with seed + i, so a seeded session repeats
 
@@ -127,9 +144,14 @@ class ChatSession:
         If the caller stops early (Ctrl-C), the history is left as it was.
         """
         prompt, kept, used = self.build_prompt(message)
-        seed = nth_seed(self.options.seed, self.replies)
+        options = replace(self.options, seed=nth_seed(self.options.seed, self.replies))
+        if options.guided:
+            kept_turns = self.history[len(self.history) - kept :]
+            negative = negative_prompt(kept_turns, self.prompt_budget, self.generator.encode, self.generator.decode,
+                                       self.neutral_request)
+            options = replace(options, negative=tuple(self.generator.encode(negative)))
         self.replies += 1
-        stream = self.generator.stream(prompt, replace(self.options, seed=seed), STOP_STRINGS)
+        stream = self.generator.stream(prompt, options, STOP_STRINGS)
         pieces = []
         try:
             for piece in stream:
@@ -173,6 +195,7 @@ def describe(options: GenerationOptions, only: str | None = None) -> str:
         "temperature": "temperature " + ("0 (greedy)" if options.temperature == 0 else f"{options.temperature:g}"),
         "top_k": f"top-k {options.top_k}" + ("" if options.top_k else " (off)"),
         "top_p": f"top-p {options.top_p:g}" + ("" if options.top_p < 1 else " (off)"),
+        "guidance": f"guidance {options.guidance:g}" + ("" if options.guided else " (off)"),
     }
     return parts[only] if only else ", ".join(parts.values())
 
@@ -188,7 +211,7 @@ def banner(session: ChatSession) -> str:
         "Librarian chat: a small story model continuing a User:/Assistant: dialogue.\n"
         f"{describe(session.options)}, up to {session.options.max_new_tokens} tokens a reply, "
         f"context {session.context_length} tokens.\n"
-        "Commands: /reset /temp X /topk N /topp P /help /quit. Ctrl-C stops a reply; Ctrl-D or /quit leaves."
+        "Commands: /reset /temp X /topk N /topp P /guide G /help /quit. Ctrl-C stops a reply; Ctrl-D or /quit leaves."
     )
 
 
@@ -197,9 +220,10 @@ def run_chat(
     options: GenerationOptions = GenerationOptions(),
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
+    neutral_request: str = NEUTRAL_REQUEST,
 ) -> int:
     """Read messages with `input_fn` until /quit or end of input; stream replies to `output`. Returns 0."""
-    session = ChatSession(generator, options)
+    session = ChatSession(generator, options, neutral_request)
 
     def say(text: str = "", end: str = "\n") -> None:
         output.write(text + end)

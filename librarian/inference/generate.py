@@ -46,6 +46,10 @@ class GenerationOptions:
     max_new_tokens: int = 200
     seed: int | None = None  # None: a different continuation every time
     use_cache: bool = True  # False: recompute the whole window each step (same tokens, slower)
+    # Classifier-free guidance (see guided_logits): 1 is plain sampling; above 1 leans toward what the
+    # prompt adds over `negative`, the negative prompt's token ids (empty: the prompt's last token alone).
+    guidance: float = 1.0
+    negative: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, sampling) -> "GenerationOptions":
@@ -64,8 +68,17 @@ class GenerationOptions:
             raise LibrarianError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise LibrarianError(f"--seed must be a whole number from 0 to {MAX_SEED} (2**63 - 1), got {self.seed}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
+                or not 0 < self.guidance <= MAX_GUIDANCE:
+            raise LibrarianError(f"guidance must be a number above 0 and at most {MAX_GUIDANCE} (1 = off), "
+                                 f"got {self.guidance!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1
 
 
+MAX_GUIDANCE = 20.0  # beyond it the guided distribution is the difference alone: no text
 NUCLEUS_CANDIDATES = 256  # top-p looks among the likeliest 256 tokens first: sorting all 8000 costs ~20x more
 
 
@@ -90,6 +103,18 @@ def filter_logits(logits: torch.Tensor, options: GenerationOptions) -> torch.Ten
         keep = probs.cumsum(-1) - probs < options.top_p
         logits = logits.masked_fill(~torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep), float("-inf"))
     return logits
+
+
+def guided_logits(logits: torch.Tensor, negative: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Sanchez et al. 2024, "Stay on topic with Classifier-Free Guidance";
+    transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor does the same):
+
+        log p(w | negative) + guidance * (log p(w | prompt) - log p(w | negative))
+
+    over the vocabulary, from the two passes' raw logits (..., V), before temperature, top-k and
+    top-p, which then apply to the result as to plain logits."""
+    negative = negative.float().log_softmax(-1)
+    return negative + guidance * (logits.float().log_softmax(-1) - negative)
 
 
 def next_token(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
@@ -135,24 +160,12 @@ def window_start(length: int, start: int, context_length: int) -> int:
 FINISH_STOP, FINISH_LENGTH = "stop", "length"  # why a sequence ended: a stop token, or max_new_tokens
 
 
-class Decoding:
-    """One sequence being decoded: its window of ids, its sampler and its stop rules.
+class Window:
+    """The ids of one sequence the model reads, and where its window begins (see window_start)."""
 
-    The single-sequence loop (generate_ids) and the batch engine (librarian/inference/batching.py) both drive
-    it, so a sequence takes the same steps, and draws the same random numbers, in either.
-    """
-
-    def __init__(self, prompt: list[int], options: GenerationOptions, stop_ids: tuple[int, ...], context_length: int):
-        if not prompt:
-            raise LibrarianError("the prompt is empty; give at least one token (or some text)")
-        self.options, self.stop_ids, self.context_length = options, stop_ids, context_length
-        seed = options.seed
-        self.generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-        self.ids = list(prompt[-context_length:])  # a prompt longer than the context keeps its end
-        self.prompt_tokens = len(self.ids)
+    def __init__(self, ids: list[int], context_length: int):
+        self.ids, self.context_length = list(ids[-context_length:]), context_length  # a longer prompt keeps its end
         self.start = 0
-        self.produced = 0  # tokens sampled, the stop token included
-        self.finish_reason: str | None = None
         self._primed = False
 
     def refill(self) -> list[int] | None:
@@ -164,13 +177,48 @@ class Decoding:
         self._primed, self.start = True, start
         return self.ids[start:]
 
+
+class Decoding:
+    """One sequence being decoded: its window of ids, its sampler and its stop rules; under guidance,
+    also the negative prompt's window, which takes every token the sequence takes.
+
+    The single-sequence loop (generate_ids) and the batch engine (librarian/inference/batching.py) both drive
+    it, so a sequence takes the same steps, and draws the same random numbers, in either.
+    """
+
+    def __init__(self, prompt: list[int], options: GenerationOptions, stop_ids: tuple[int, ...], context_length: int):
+        if not prompt:
+            raise LibrarianError("the prompt is empty; give at least one token (or some text)")
+        self.options, self.stop_ids, self.context_length = options, stop_ids, context_length
+        seed = options.seed
+        self.generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+        self.window = Window(prompt, context_length)
+        # The unconditional pass of guidance without a negative prompt: the prompt's last token, as transformers'.
+        self.negative = Window(list(options.negative) or prompt[-1:], context_length) if options.guided else None
+        self.prompt_tokens = len(self.window.ids)
+        self.produced = 0  # tokens sampled, the stop token included
+        self.finish_reason: str | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.window.ids
+
+    @property
+    def start(self) -> int:
+        return self.window.start
+
+    def refill(self) -> list[int] | None:
+        return self.window.refill()
+
     def accept(self, token: int) -> int | None:
         """Take the next token (sampled with self.options and self.generator); None if it ends the sequence."""
         self.produced += 1
         if token in self.stop_ids:
             self.finish_reason = FINISH_STOP
             return None
-        self.ids.append(token)
+        self.window.ids.append(token)
+        if self.negative is not None:
+            self.negative.ids.append(token)
         if self.produced >= self.options.max_new_tokens:
             self.finish_reason = FINISH_LENGTH
         return token
@@ -186,21 +234,39 @@ def generate_ids(
     """Yield new token ids one by one; stop after options.max_new_tokens or at a stop id (not yielded)."""
     model.eval()
     seq = Decoding(prompt, options, stop_ids, model.config.context_length)
-    device = model.tok_emb.weight.device
-    cache = None
+    passes = [_Pass(model, seq.window, options.use_cache)]
+    if seq.negative is not None:  # guidance: a second pass, over the negative prompt, with its own cache
+        passes.append(_Pass(model, seq.negative, options.use_cache))
     while seq.finish_reason is None:
-        window = seq.refill()
-        if not options.use_cache:
-            hidden = model.hidden(torch.tensor([seq.ids[seq.start :]], device=device))
-        elif window is not None:
-            cache = model.new_cache()
-            hidden = model.hidden(torch.tensor([window], device=device), cache)
-        else:
-            hidden = model.hidden(torch.tensor([seq.ids[-1:]], device=device), cache)
-        # Only the last position's logits are needed: skip the output head everywhere else.
-        token = seq.accept(next_token(model.next_logits(hidden[0, -1]).cpu(), options, seq.generator))
+        logits = [p.next_logits() for p in passes]
+        if seq.negative is not None:
+            logits[0] = guided_logits(logits[0], logits[1], options.guidance)
+        token = seq.accept(next_token(logits[0], options, seq.generator))
         if token is not None:
             yield token
+
+
+class _Pass:
+    """generate_ids' forward passes over one window: the cached path (its own KV cache, refilled when
+    the window slides) or the uncached one (the whole window every step)."""
+
+    def __init__(self, model: GPT, window: Window, use_cache: bool):
+        self.model, self.window, self.use_cache = model, window, use_cache
+        self.device = model.tok_emb.weight.device
+        self.cache = None
+
+    def next_logits(self) -> torch.Tensor:
+        """The logits (V,) of the token after the window's last, on the CPU."""
+        refill = self.window.refill()
+        if not self.use_cache:
+            hidden = self.model.hidden(torch.tensor([self.window.ids[self.window.start :]], device=self.device))
+        elif refill is not None:
+            self.cache = self.model.new_cache()
+            hidden = self.model.hidden(torch.tensor([refill], device=self.device), self.cache)
+        else:
+            hidden = self.model.hidden(torch.tensor([self.window.ids[-1:]], device=self.device), self.cache)
+        # Only the last position's logits are needed: skip the output head everywhere else.
+        return self.model.next_logits(hidden[0, -1]).cpu()
 
 
 class TextStream:

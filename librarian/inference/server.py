@@ -38,12 +38,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from librarian.core.errors import LibrarianError
-from librarian.data.chat_template import Turn
+from librarian.data.chat_template import NEUTRAL_REQUEST, Turn, render_prompt
 from librarian.inference.batching import FINISH_ERROR, Engine, Job, log
-from librarian.inference.chat import STOP_STRINGS, ReplyTrim, fit_prompt, prompt_budget, strip_controls
+from librarian.inference.chat import (STOP_STRINGS, ReplyTrim, fit_prompt, negative_prompt, one_line, prompt_budget,
+                                      strip_controls)
 from librarian.inference.generate import (
     FINISH_LENGTH,
     FINISH_STOP,
+    MAX_GUIDANCE,
     MAX_SEED,
     GenerationOptions,
     Generator,
@@ -120,6 +122,9 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = Field(default=None, validate_default=True)  # a list, once validated
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    # Not OpenAI's (docs/serving.md, "Guidance"): checked by guidance_of, for a one-line 400.
+    guidance_scale: object = None
+    negative_prompt: object = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -221,11 +226,6 @@ def options_of(request: Sampling, settings: ServeSettings) -> GenerationOptions:
                              seed=request.seed if request.seed is not None else secrets.randbits(62))
 
 
-def one_line(text: str) -> str:
-    """A message as the card's format holds it: one line, no control characters."""
-    return " ".join(strip_controls(text).split())
-
-
 def conversation(messages: list[Message]) -> tuple[list[Turn], str]:
     """(history, the user's last message) from OpenAI messages.
 
@@ -255,6 +255,21 @@ def conversation(messages: list[Message]) -> tuple[list[Turn], str]:
     return history, said[-1][1]
 
 
+def guidance_of(request: Sampling) -> float:
+    """The request's guidance_scale (an extension of the OpenAI API; 1, or absent: off), checked."""
+    scale = request.guidance_scale
+    if scale is None:
+        if request.negative_prompt is not None:
+            raise APIError(400, "negative_prompt needs guidance_scale (e.g. 2) as well; send both", "negative_prompt")
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_GUIDANCE:
+        raise APIError(400, f"guidance_scale must be a number above 0 and at most {MAX_GUIDANCE:g} (1 = off), "
+                            f"got {json.dumps(scale)[:40]}", "guidance_scale")
+    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
+        raise APIError(400, "negative_prompt must be a string", "negative_prompt")
+    return float(scale)
+
+
 class Server:
     """What the routes share: the generator, the engine and the settings."""
 
@@ -263,11 +278,33 @@ class Server:
         self.context_length = generator.model.config.context_length
         self.mailbox: Mailbox | None = None  # made on the event loop, by the first request
 
-    def chat_prompt(self, request: ChatRequest, options: GenerationOptions) -> str:
+    def chat_prompt(self, request: ChatRequest, options: GenerationOptions) -> tuple[str, GenerationOptions]:
+        """The prompt, and the options with guidance's negative prompt: the same conversation, the last
+        request replaced by negative_prompt (default: a neutral one), as `librarian chat` does."""
         history, message = conversation(request.messages)
         budget = prompt_budget(self.context_length, options.max_new_tokens)
-        prompt, _, _ = fit_prompt(history, message, budget, self.generator.encode, self.generator.decode)
-        return prompt
+        encode, decode = self.generator.encode, self.generator.decode
+        prompt, kept, _ = fit_prompt(history, message, budget, encode, decode)
+        if options.guided:
+            request_text = NEUTRAL_REQUEST if request.negative_prompt is None else one_line(request.negative_prompt)
+            self.check_negative(render_prompt([], request_text))
+            negative = negative_prompt(history[len(history) - kept :], budget, encode, decode, request_text)
+            options = replace(options, negative=tuple(encode(negative)))
+        return prompt, options
+
+    def completion_options(self, request: CompletionRequest, options: GenerationOptions) -> GenerationOptions:
+        """Guidance's negative prompt of a completion: negative_prompt's text (default: none, the
+        prompt's last token alone)."""
+        if not options.guided or request.negative_prompt is None:
+            return options
+        return replace(options, negative=tuple(self.check_negative(strip_controls(request.negative_prompt))))
+
+    def check_negative(self, text: str) -> list[int]:
+        ids = self.generator.encode(text)
+        if len(ids) > self.context_length:
+            raise APIError(400, f"negative_prompt is {len(ids)} tokens, more than the model's context of "
+                                f"{self.context_length}; shorten it", "negative_prompt")
+        return ids
 
     @cached_property
     def texts(self) -> TokenTexts:  # made by the first request that asks for logprobs
@@ -549,11 +586,12 @@ def create_app(generator: Generator, engine: Engine, settings: ServeSettings, li
         """Both endpoints: parse, check, build the prompt (chat's rendering, or the raw text), decode, respond."""
         req = parse(ChatRequest if chat else CompletionRequest, await read_body(request, settings))
         check_model(req.model, settings)
-        options = options_of(req, settings)
+        options = replace(options_of(req, settings), guidance=guidance_of(req))
         if chat:
-            prompt, stops = server.chat_prompt(req, options), STOP_STRINGS + tuple(req.stop)
+            (prompt, options), stops = server.chat_prompt(req, options), STOP_STRINGS + tuple(req.stop)
         else:
             prompt, stops = strip_controls(req.prompt), tuple(req.stop)
+            options = server.completion_options(req, options)
         choices = server.start(prompt, options, stops, req.n, req.logprob_count())
         return await respond(choices, req, chat=chat, model_id=settings.model_id)
 

@@ -95,11 +95,23 @@ def test_num_samples_are_separated_and_use_seed_plus_i(model_args, capsys):
     assert first.startswith("Tom") and second.startswith("Tom")
 
 
+def test_guidance_1_is_todays_text_and_a_guided_one_follows_its_flags(model_args, capsys):
+    sample = ["generate", "--prompt", "Lily", *model_args, "--max-new-tokens", "30", "--temperature", "1",
+              "--seed", "4"]
+    plain = run(capsys, *sample)
+    assert run(capsys, *sample, "--guidance", "1") == plain
+    guided = run(capsys, *sample, "--guidance", "3")
+    assert guided != plain and guided.startswith("Lily")
+    assert run(capsys, *sample, "--guidance", "3", "--negative-prompt", "Tom and the dog") not in (guided, plain)
+
+
 @pytest.mark.parametrize("bad,message", [(["--temperature", "-1"], "temperature must be >= 0"),
                                          (["--top-p", "0"], "top-p must be in (0, 1]"),
                                          (["--top-k", "-1"], "top-k must be a whole number >= 0"),
                                          (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-                                         (["--num-samples", "0"], "--num-samples must be >= 1")])
+                                         (["--num-samples", "0"], "--num-samples must be >= 1"),
+                                         (["--guidance", "0"], "guidance must be a number above 0"),
+                                         (["--guidance", "21"], "at most 20")])
 def test_bad_generation_settings_are_one_line_errors(model_args, capsys, bad, message):
     assert message in fails(capsys, "generate", "--prompt", "Once", *model_args, *bad)
 

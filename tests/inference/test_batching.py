@@ -109,3 +109,32 @@ def test_closing_the_engine_ends_every_sequence(model):
     assert ended.wait(10) and job.finish_reason == FINISH_CANCELLED
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit([1], GenerationOptions(), (), lambda token: None)
+
+
+def test_guided_decoding_in_the_engine_equals_guided_generate_ids(model):
+    """A guided sequence is two rows of the same step (its prompt's, its negative prompt's): with 3 slots
+    for 7 requests, guided and not, greedy and sampled, past the context, each gets generate_ids' tokens."""
+    requests = [([1 + i, 2 + i, 3 + i], GenerationOptions(
+        temperature=0 if i % 3 == 0 else 1.0, top_k=(0, 20)[i % 2], max_new_tokens=50, seed=i,
+        guidance=(1.0, 2.0, 3.5)[i % 3], negative=((), (7, 8), (9,) * 40)[i % 3]))
+        for i in range(7)]
+    outs, _, engine = run_engine(model, requests, slots=3)
+    for (prompt, options), out in zip(requests, outs):
+        assert out == list(generate_ids(model, prompt, options, (0,)))
+    assert engine.peak_rows == 3
+    guided = [out for (_, o), out in zip(requests, outs) if o.guidance != 1]
+    free = [list(generate_ids(model, p, GenerationOptions(**{**o.__dict__, "guidance": 1.0, "negative": ()}), (0,)))
+            for p, o in requests if o.guidance != 1]
+    assert guided != free  # guidance changed the text
+
+
+def test_guidance_one_is_plain_decoding_and_a_guided_sequence_needs_two_slots(model):
+    plain = GenerationOptions(temperature=1.0, max_new_tokens=30, seed=5)
+    one = GenerationOptions(temperature=1.0, max_new_tokens=30, seed=5, guidance=1.0, negative=(3, 4))
+    assert list(generate_ids(model, [1, 2], one, (0,))) == list(generate_ids(model, [1, 2], plain, (0,)))
+    engine = Engine(model, slots=1)
+    try:
+        with pytest.raises(ValueError, match="takes 2 rows"):
+            engine.submit([1, 2], GenerationOptions(guidance=2.0), (0,), lambda token: None)
+    finally:
+        engine.close()

@@ -51,10 +51,11 @@ class Script:
 
     def __init__(self, gen, text, interrupt_after=None):
         self.gen, self.ids, self.interrupt_after = gen, gen.encode(text), interrupt_after
-        self.prompts = []
+        self.prompts, self.options = [], []
 
     def __call__(self, model, prompt, options, *args, **kwargs):
         self.prompts.append(self.gen.decode(prompt))
+        self.options.append(options)
         interrupt, self.interrupt_after = self.interrupt_after, None  # only the first reply
         for i, token in enumerate(self.ids[: options.max_new_tokens]):
             if interrupt is not None and i == interrupt:
@@ -189,7 +190,8 @@ def test_reset_clears_the_history(wide, monkeypatch):
 
 @pytest.mark.parametrize("line,field,value", [("/temp 0", "temperature", 0.0), ("/temp 1.3", "temperature", 1.3),
                                               ("/topk 5", "top_k", 5), ("/topk 0", "top_k", 0),
-                                              ("/topp 0.5", "top_p", 0.5), ("/TOPP 1", "top_p", 1.0)])
+                                              ("/topp 0.5", "top_p", 0.5), ("/TOPP 1", "top_p", 1.0),
+                                              ("/guide 2", "guidance", 2.0), ("/guide 1", "guidance", 1.0)])
 def test_sampling_commands_change_the_setting(wide, line, field, value):
     before = GenerationOptions(0.8, 50, 0.95, max_new_tokens=30, seed=7, use_cache=False)
     session = ChatSession(wide, before)
@@ -203,7 +205,9 @@ def test_sampling_commands_change_the_setting(wide, line, field, value):
                                           ("/topk -1", "top-k must be a whole number"),
                                           ("/topk 1.5", "needs a whole number"),
                                           ("/topp 0", r"top-p must be in \(0, 1\]"),
-                                          ("/topp 1.5", r"top-p must be in \(0, 1\]")])
+                                          ("/topp 1.5", r"top-p must be in \(0, 1\]"),
+                                          ("/guide 0", "guidance must be a number above 0"),
+                                          ("/guide 25", "at most 20"), ("/guide x", "needs a number")])
 def test_bad_sampling_values_keep_the_old_setting(wide, line, message):
     before = GenerationOptions(0.8, 50, 0.95)
     session = ChatSession(wide, before)
@@ -327,3 +331,39 @@ def test_ctrl_c_at_the_prompt_gives_a_new_prompt(wide, monkeypatch):
 def test_end_of_input_exits_cleanly(gen):
     assert chat(gen)[0] == 0
     assert chat(gen, "hello")[0] == 0
+
+
+def test_guidances_negative_prompt_is_the_conversation_with_a_neutral_last_request(wide, monkeypatch):
+    """Guided, a reply's negative prompt is the same kept history, the user's request replaced by
+    "Tell me a story." (or --negative-prompt's); unguided, there is none."""
+    from librarian.data.chat_template import NEUTRAL_REQUEST
+
+    script = Script(wide, " Fine.")
+    monkeypatch.setattr(generate_module, "generate_ids", script)
+    session = ChatSession(wide, GenerationOptions(0, max_new_tokens=8, seed=3))
+    list(session.reply("hello there"))
+    assert script.options[-1].negative == () and not script.options[-1].guided
+    session.command("/guide 2.5")
+    list(session.reply("a story about a red ball"))
+    history = [Turn("hello there", "Fine.")]
+    assert script.prompts[-1] == render_prompt(history, "a story about a red ball")
+    assert wide.decode(list(script.options[-1].negative)) == render_prompt(history, NEUTRAL_REQUEST)
+    assert script.options[-1].guidance == 2.5 and script.options[-1].seed == 4  # reply 1: seed + 1, as unguided
+
+    other = ChatSession(wide, GenerationOptions(0, max_new_tokens=8, guidance=2.0), neutral_request="Hi.")
+    list(other.reply("a story about a dog"))
+    assert wide.decode(list(script.options[-1].negative)) == render_prompt([], "Hi.")
+
+
+def test_the_neutral_request_is_the_first_plain_phrasing_of_the_chat_data():
+    from librarian.data.chat_data import TEMPLATES
+    from librarian.data.chat_template import NEUTRAL_REQUEST
+
+    assert TEMPLATES["plain"][0] == NEUTRAL_REQUEST
+
+
+def test_guidance_one_replies_as_today(gen):
+    plain = GenerationOptions(1.0, 0, 1.0, max_new_tokens=20, seed=9)
+    one = replace(plain, guidance=1.0, negative=(1, 2, 3))
+    assert gen.complete("Once upon a time", one) == gen.complete("Once upon a time", plain)
+    assert gen.complete("Once upon a time", replace(plain, guidance=3.0)) != gen.complete("Once upon a time", plain)

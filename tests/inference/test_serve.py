@@ -191,7 +191,7 @@ def test_the_history_is_fitted_as_librarian_chat_fits_it(generator):
     assert 0 < kept < len(turns)  # some history fits, not all: the fitting is exercised
     server = Server(generator, engine=None, settings=ServeSettings(model_id="m"))
     request = ChatRequest.model_validate({"model": "m", "messages": messages})
-    assert server.chat_prompt(request, options) == expected
+    assert server.chat_prompt(request, options) == (expected, options)  # unguided: the options as they were
 
 
 # --- batching ---------------------------------------------------------------------------------------------
@@ -591,3 +591,52 @@ def serve_fails(capsys, files, *args) -> str:
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1, err
     return err
+
+
+# --- guidance: guidance_scale and negative_prompt, an extension of the API ------------------------------------
+
+
+def test_guidance_through_the_openai_client_is_guided_chat_and_scale_1_is_plain(client, served, generator):
+    """extra_body carries the extension. The server's reply equals `librarian chat`'s, guided the same way
+    (the negative prompt: the conversation, its last request replaced by a neutral one); scale 1 is today's."""
+    from librarian.data.chat_template import NEUTRAL_REQUEST, render_prompt
+    from librarian.inference.chat import STOP_STRINGS, ReplyTrim
+    from librarian.inference.generate import GenerationOptions
+
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+    def reply(**extra):
+        return client.chat.completions.create(model=served.model, messages=messages, seed=11, max_tokens=40,
+                                              temperature=1.0, top_p=1.0, extra_body={"top_k": 0, **extra}
+                                              ).choices[0].message.content
+
+    guided, plain = reply(guidance_scale=3.0), reply()
+    assert reply(guidance_scale=1) == plain and guided != plain
+    negative = tuple(generator.encode(render_prompt([], NEUTRAL_REQUEST)))
+    options = GenerationOptions(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=40, seed=11, guidance=3.0,
+                                negative=negative)
+    trim = ReplyTrim()
+    expected = "".join(trim.push(p) for p in generator.stream(render_prompt([], messages[0]["content"]), options,
+                                                              STOP_STRINGS)).strip()
+    assert guided == expected
+    assert reply(guidance_scale=3.0, negative_prompt="Tell me a story about a dog.") != guided
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"guidance_scale": "two"}, "guidance_scale must be a number above 0 and at most 20"),
+    ({"guidance_scale": 0}, "guidance_scale must be a number above 0"),
+    ({"guidance_scale": 21}, "at most 20"),
+    ({"guidance_scale": True}, "guidance_scale must be a number"),
+    ({"guidance_scale": 2, "negative_prompt": 5}, "negative_prompt must be a string"),
+    ({"negative_prompt": "a story"}, "negative_prompt needs guidance_scale"),
+    ({"guidance_scale": 2, "negative_prompt": "dog " * 400}, "more than the model's context"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_bad_guidance_gets_a_400_with_one_line(served, path, fields, words):
+    body = {"model": served.model, "max_tokens": 5, **fields}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "Once upon a time"}
+    response = served.post(path, body)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert words in message and "\n" not in message
+    assert served.health()["status"] == "ok"
