@@ -373,6 +373,9 @@ class EvaluateChatParams(SamplingParams):
     requests: Annotated[PositiveInt, doc(
         "words requests and character requests scored, each, from the test conversations (all of them if the "
         "split has fewer)")]
+    guidance: Annotated[float, Field(gt=0, le=20), doc(
+        "the classifier-free guidance scale of the *_guided metrics (1 = the free replies again); the free "
+        "metrics always sample without guidance")]
 
 
 class Params(Section):

@@ -19,7 +19,17 @@ conversations (data/chat/test.parquet), so `dvc metrics diff` lines them up key 
   multi_turn_requests: their count; multi_turn_history_kept: the share of them whose prompt kept
   the whole first turn (chat drops the history that does not fit the context);
 - story_loss / story_perplexity: the evaluate stage's test metrics on data/tokens/test.bin, so
-  what fine-tuning costs the story model shows as the difference (story_perplexity_change).
+  what fine-tuning costs the story model shows as the difference (story_perplexity_change);
+- reply_fluency: the perplexity of the sampled replies (to the words and character requests) under
+  the same model, unguided, given the plain request "Tell me a story.": how natural the text is as
+  a story, whatever was asked; repetition: the share of the replies' word 3-grams that repeat one
+  earlier in the same reply;
+- the *_guided keys: words_recall, words_all, character_recall (and their _unseen forms),
+  reply_fluency and repetition of replies sampled with classifier-free guidance at
+  evaluate_chat.guidance (librarian/inference/generate.py, guided_logits), the negative prompt
+  being `librarian chat`'s: the conversation with its last request replaced by a neutral one. The
+  same requests, rows and seeds as the free replies; words_recall and the other unsuffixed keys
+  stay free sampling.
 
 Replies are sampled as `librarian chat` answers: the conversation's earlier turns are the history,
 and a reply ends at <|endoftext|> or at the next `User:`. Request i of the test table (its row)
@@ -39,13 +49,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from librarian.core.config import Params
 from librarian.core.errors import LibrarianError
 from librarian.core.precision import Precision
 from librarian.core.progress import progress_bar
 from librarian.core.threads import resolve_threads, using_threads
-from librarian.data.chat_template import Turn
+from librarian.data.chat_template import NEUTRAL_REQUEST, Turn, render_prompt
 from librarian.data.chat_tokens import chat_token_file, read_chat, reply_nats
 from librarian.data.windows import TokenFile
 from librarian.data.words import mentions
@@ -261,6 +273,62 @@ def multi_turn_scores(requests: list[Request], replies: list[str], kept: list[bo
             "multi_turn_requests": len(requests)}
 
 
+def repeated_trigrams(replies: list[str]) -> tuple[int, int]:
+    """(word 3-grams that repeat one earlier in their reply, all word 3-grams), over `replies`."""
+    repeated = total = 0
+    for reply in replies:
+        words = re.findall(r"\w+", reply.lower())
+        seen = set()
+        for gram in zip(words, words[1:], words[2:]):
+            repeated += gram in seen
+            seen.add(gram)
+        total += max(0, len(words) - 2)
+    return repeated, total
+
+
+@torch.no_grad()
+def fluency(generator: Generator, replies: list[str]) -> float:
+    """The replies' perplexity under the model, unguided, each given the plain request "Tell me a
+    story.": what guidance costs the text as a story (the replies are cut to fit the context)."""
+    model = generator.model
+    prompt = generator.encode(render_prompt([], NEUTRAL_REQUEST))
+    room = model.config.context_length - len(prompt)
+    nats, count = 0.0, 0
+    for reply in replies:
+        ids = generator.encode(reply)[:room]
+        if not ids:
+            continue
+        x = torch.tensor([prompt + ids])
+        logits, _ = model(x[:, :-1])
+        nats += F.cross_entropy(logits[0, len(prompt) - 1 :].float(), x[0, len(prompt) :], reduction="sum").item()
+        count += len(ids)
+    return math.exp(nats / max(count, 1))
+
+
+def text_scores(generator: Generator, replies: list[str]) -> dict:
+    """reply_fluency and repetition of the replies (see the module's docstring)."""
+    repeated, total = repeated_trigrams(replies)
+    return {"reply_fluency": round_significant(fluency(generator, replies)),
+            "repetition": round_significant(repeated / max(total, 1))}
+
+
+def guided(scores: dict) -> dict:
+    """The keys of `scores` named as the guided replies' (`_guided`, before any `_unseen`); counts left out."""
+    return {key.replace("_unseen", "_guided_unseen") if key.endswith("_unseen") else f"{key}_guided": value
+            for key, value in scores.items() if not key.endswith("_requests")}
+
+
+def guided_metrics(generator: Generator, options: GenerationOptions, asked: Asked, threads: int, desc: str) -> dict:
+    """The recalls, fluency and repetition of replies sampled with guidance (options.guidance)."""
+    words, character, words_unseen, character_unseen = answer_groups(
+        generator, options, [asked.words, asked.character, asked.words_unseen, asked.character_unseen],
+        threads, desc)
+    return guided({**words_scores(asked.words, words), **character_scores(asked.character, character),
+                   **unseen(words_scores(asked.words_unseen, words_unseen)),
+                   **unseen(character_scores(asked.character_unseen, character_unseen)),
+                   **text_scores(generator, words + character)})
+
+
 def sampled_metrics(generator: Generator, options: GenerationOptions, asked: Asked, threads: int, desc: str) -> dict:
     """The recalls of one model's replies to `asked`."""
     # A multi-turn row already selected is the same request, so it would get the same reply: reuse it.
@@ -275,7 +343,7 @@ def sampled_metrics(generator: Generator, options: GenerationOptions, asked: Ask
     return {**words_scores(asked.words, words), **character_scores(asked.character, character),
             **unseen(words_scores(asked.words_unseen, words_unseen)),
             **unseen(character_scores(asked.character_unseen, character_unseen)),
-            **multi_turn_scores(asked.multi_turn, multi_turn, kept)}
+            **multi_turn_scores(asked.multi_turn, multi_turn, kept), **text_scores(generator, words + character)}
 
 
 def reply_metrics(generator: Generator, tokens: TokenFile, params: Params) -> dict:
@@ -343,5 +411,7 @@ def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_p
         threads = resolve_threads(settings.threads, generator.model.config.d_model, "evaluate_chat.threads",
                                   batched=True)
         result[name].update(sampled_metrics(generator, options, asked, threads, f"{name} replies"))
+        result[name].update(guided_metrics(generator, replace(options, guidance=settings.guidance), asked, threads,
+                                           f"{name} guided replies"))
     change = result["finetuned"]["story_perplexity"] / result["base"]["story_perplexity"] - 1
     return {**result, "story_perplexity_change": round_significant(change)}

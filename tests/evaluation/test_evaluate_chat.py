@@ -52,7 +52,10 @@ SCHEMA = pa.schema([("conversation", pa.int64()), ("turn", pa.int64()), ("kind",
 MODEL_KEYS = {"reply_loss", "reply_perplexity", "reply_tokens", "story_loss", "story_perplexity", "words_recall",
               "words_all", "words_requests", "character_recall", "character_requests", "words_recall_unseen",
               "words_all_unseen", "character_recall_unseen", "multi_turn_recall", "multi_turn_requests",
-              "multi_turn_history_kept"}
+              "multi_turn_history_kept", "reply_fluency", "repetition",
+              # the same, of replies sampled with guidance (evaluate_chat.guidance)
+              "words_recall_guided", "words_all_guided", "character_recall_guided", "words_recall_guided_unseen",
+              "words_all_guided_unseen", "character_recall_guided_unseen", "reply_fluency_guided", "repetition_guided"}
 SMALL = {"model.context_length": 32, "eval.stride": 16, "eval.batch_size": 8, "train.stride": 32,
          "evaluate_chat.max_new_tokens": 12, "evaluate_chat.threads": 1}
 
@@ -297,15 +300,23 @@ def test_multi_turn_requests_are_second_turns_after_their_first():
 ANSWERS = {row[3]: " ".join(row[5]) or f"{row[6]} smiled." for row in CONVERSATIONS if row[2] in ("words", "character")}
 
 
-def record_replies(monkeypatch, answers=ANSWERS) -> dict:
-    """Generator.stream replaced: {generator: [(prompt, seed), ...]}, each reply answers[message]."""
+def record_replies(monkeypatch, answers=ANSWERS, guided: dict | None = None, guided_answers=None) -> dict:
+    """Generator.stream replaced: {generator: [(prompt, seed), ...]} of the free replies, each reply
+    answers[message]; the guided ones go to `guided` as (prompt, seed, options), answered from
+    `guided_answers` (default: `answers`)."""
     from librarian.inference.generate import Generator
 
     calls: dict = {}
 
     def stream(self, prompt, options, stop_strings=()):
+        message = prompt.rpartition("User: ")[2].removesuffix("\nAssistant:")
+        if options.guided:
+            if guided is not None:
+                guided.setdefault(self, []).append((prompt, options.seed, options))
+            yield (guided_answers or answers).get(message, "Someone smiled.")
+            return
         calls.setdefault(self, []).append((prompt, options.seed))
-        yield answers.get(prompt.rpartition("User: ")[2].removesuffix("\nAssistant:"), "Someone smiled.")
+        yield answers.get(message, "Someone smiled.")
 
     monkeypatch.setattr(Generator, "stream", stream)
     return calls
@@ -463,3 +474,54 @@ def test_a_zero_share_is_named_as_the_fix(run, inputs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(chat=_without("words")(tmp_path, inputs), **mix)
     assert "give chat_data.mix.words a share above 0" in capsys.readouterr().err
+
+
+def test_guided_replies_answer_the_same_requests_with_guidance_and_chats_negative_prompt(
+        run, inputs, long_context, make_params, monkeypatch):
+    """The *_guided keys: the same rows and seeds as the free replies, sampled at evaluate_chat.guidance
+    with `librarian chat`'s negative prompt (the conversation, its last request replaced by a neutral one)."""
+    from librarian.data.chat_template import NEUTRAL_REQUEST
+    from librarian.inference.chat import render_prompt
+
+    guided: dict = {}
+    perfect = {row[3]: row[4] for row in CONVERSATIONS} | {UNSEEN[row[3]]: row[4] for row in CONVERSATIONS}
+    record_replies(monkeypatch, guided=guided, guided_answers=perfect)
+    metrics = json.loads(run(long_context[1], base=long_context[0], **{"evaluate_chat.guidance": 2.5}).read_text())
+    seen = prompts(inputs.chat / "test.parquet", make_params(**SMALL).evaluate_chat.seed)
+    unseen = [(render_prompt([], UNSEEN[prompt.rpartition("User: ")[2].removesuffix("\nAssistant:")]), seed)
+              if prompt.count("User:") == 1 else None for prompt, seed in seen]
+    assert len(guided) == 2
+    for generator, asked in guided.items():
+        assert [(prompt, seed) for prompt, seed, _ in asked][: len(seen)] == seen
+        for prompt, _, options in asked:
+            assert options.guidance == 2.5
+            history = prompt.rsplit("User: ", 1)[0]
+            assert generator.decode(list(options.negative)) == history + render_prompt([], NEUTRAL_REQUEST)
+    assert all(u is None or u in [(p, s) for p, s, _ in asked] for u in unseen)
+    for name in ("base", "finetuned"):
+        scores = metrics[name]
+        assert (scores["words_recall_guided"], scores["words_all_guided"], scores["character_recall_guided"],
+                scores["words_recall_guided_unseen"], scores["character_recall_guided_unseen"]) == (1, 1, 1, 1, 1)
+        assert (scores["words_recall"], scores["character_recall_unseen"]) == (1.0, 0.0)  # free: ANSWERS as before
+        assert scores["reply_fluency_guided"] > 1 and 0 <= scores["repetition_guided"] < 1
+
+
+def test_fluency_scores_replies_given_the_plain_request_and_repetition_counts_repeated_trigrams(inputs):
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from librarian.data.chat_template import NEUTRAL_REQUEST
+    from librarian.evaluation.evaluate_chat import fluency, repeated_trigrams
+    from librarian.inference.chat import render_prompt
+    from librarian.inference.generate import Generator
+
+    generator = Generator.load(inputs.base, inputs.tokenizer)
+    prompt = generator.encode(render_prompt([], NEUTRAL_REQUEST))
+    reply = generator.encode(" The cat sat.")
+    x = torch.tensor([prompt + reply])
+    logits, _ = generator.model(x[:, :-1])
+    expected = F.cross_entropy(logits[0, len(prompt) - 1 :], x[0, len(prompt) :]).item()
+    assert fluency(generator, [" The cat sat."]) == pytest.approx(math.exp(expected), rel=1e-5)
+    assert repeated_trigrams(["the cat sat and the cat sat", "one two"]) == (1, 5)  # "the cat sat" again
