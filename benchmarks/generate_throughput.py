@@ -17,6 +17,10 @@ the CPU; torch's own default (one thread per core) is timed both ways too, as th
 auto rule replaced. --sweep-widths times decoding on one thread and on every core for models of
 the card's shape at other widths: the measurement behind threads.DECODE_ONE_THREAD_UP_TO.
 
+Guidance (--guidance, default 2): cached decoding of 128 tokens free and with classifier-free
+guidance at that scale (a second forward pass a token, over the negative prompt, with its own
+cache), interleaved; the report gives both and guided/free.
+
 Goals: cached >= 3x uncached at 128 new tokens; busy >= 0.7x idle at the default threads.
 """
 
@@ -42,9 +46,11 @@ PROMPT = "Once upon a time, there was a little girl named Lily. She loved to pla
 CHAT_PROMPT = "User: Hi! Can you tell me a story about a brave little cat?\nAssistant:"
 
 
-def tokens_per_s(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool = True) -> float:
+def tokens_per_s(model: GPT, prompt: list[int], new_tokens: int, use_cache: bool = True, guidance: float = 1.0,
+                 negative: tuple[int, ...] = ()) -> float:
     start = time.perf_counter()
-    greedy = GenerationOptions(temperature=0, max_new_tokens=new_tokens, use_cache=use_cache)
+    greedy = GenerationOptions(temperature=0, max_new_tokens=new_tokens, use_cache=use_cache, guidance=guidance,
+                               negative=negative)
     made = sum(1 for _ in generate_ids(model, prompt, greedy))
     assert made == new_tokens
     return new_tokens / (time.perf_counter() - start)
@@ -79,6 +85,18 @@ def cache_report(generator: Generator, prompt: list[int], repeats: int) -> dict:
                                               "cached_tokens_per_s": round(rates["cached"], 1),
                                               "speedup": round(rates["cached"] / rates["uncached"], 2)}
     return report
+
+
+def guidance_report(generator: Generator, prompt: list[int], scale: float, repeats: int) -> dict:
+    """Cached decoding of 128 tokens, free and guided (the negative prompt: chat's neutral request)."""
+    from librarian.data.chat_template import NEUTRAL_REQUEST, render_prompt
+
+    negative = tuple(generator.encode(render_prompt([], NEUTRAL_REQUEST)))
+    rates = medians({"free": lambda: tokens_per_s(generator.model, prompt, 128),
+                     "guided": lambda: tokens_per_s(generator.model, prompt, 128, guidance=scale, negative=negative)},
+                    repeats)
+    return {"guidance": scale, "free_tokens_per_s": round(rates["free"], 1),
+            "guided_tokens_per_s": round(rates["guided"], 1), "guided_over_free": round(rates["guided"] / rates["free"], 2)}
 
 
 def busy_report(model: GPT, prompt: list[int], default_threads: int, repeats: int) -> dict:
@@ -124,6 +142,8 @@ def main():
     parser.add_argument("--tokenizer", type=Path, default=ROOT / "data" / "tokenizer.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sweep-widths", help="comma-separated d_model values: time 1 thread against every core")
+    parser.add_argument("--guidance", type=float, default=2.0, help="the guided run's scale (default 2)")
+    parser.add_argument("--only-guidance", action="store_true", help="time free against guided decoding only")
     args = parser.parse_args()
     generator = load(args)
     prompt = generator.encode(PROMPT)
@@ -138,6 +158,10 @@ def main():
         print(json.dumps(report, indent=2))
         return
     with using_threads(default_threads):
+        report["guided_decoding_128"] = guidance_report(generator, prompt, args.guidance, args.repeats)
+        if args.only_guidance:
+            print(json.dumps(report, indent=2))
+            return
         report.update(cache_report(generator, prompt, args.repeats))
         ttft = medians({"ttft": lambda: time_to_first_token(generator)}, args.repeats)["ttft"]
         report["chat_time_to_first_token_ms"] = round(1000 * ttft, 1)

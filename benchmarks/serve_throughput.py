@@ -414,6 +414,9 @@ def main():
     parser.add_argument("--streams", default="1,4,16,64", help="concurrency levels (default: 1,4,16,64)")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="send guidance_scale with every request (a guided request takes two rows of a step); "
+                             "compare with a run without it")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every level (default: 3)")
     parser.add_argument("--check-solo", type=int, default=8, metavar="N",
                         help="N requests alone, then concurrently: are the texts the same (0: skip; default: 8)")
@@ -421,6 +424,8 @@ def main():
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.guidance is not None:
+        SAMPLING["guidance_scale"] = args.guidance
     levels = [int(s) for s in args.streams.split(",")]
     if not levels or min(levels) < 1 or args.requests_per_stream < 1 or args.max_tokens < 1 or args.repeats < 1:
         parser.error("--streams, --requests-per-stream, --max-tokens and --repeats must be >= 1")
