@@ -233,9 +233,18 @@ def check_split(split: TokenFile, path: Path, vocab_size: int) -> None:
 
 def evaluate_split(model, path: Path, params: Params, device, model_path: Path, trained_with: str | None,
                    precision: Precision) -> dict:
+    return score_split(model, checked_split(model, path, model_path, trained_with), path, params, device, precision)
+
+
+def checked_split(model, path: Path, model_path: Path, trained_with: str | None) -> TokenFile:
+    """The token file at `path`, refused if the model cannot score it (ids beyond its vocab, another tokenizer)."""
     split = load_tokens(path)
     check_split(split, path, model.config.vocab_size)
     check_same_tokenizer(model_path, trained_with, split.meta.get("tokenizer_sha256"), f"token file {path}")
+    return split
+
+
+def score_split(model, split: TokenFile, path: Path, params: Params, device, precision: Precision) -> dict:
     # The checkpoint's own context length, not params': a model is evaluated as it was trained.
     threads = resolve_threads(params.eval.threads, model.config.d_model, "eval.threads", batched=True)
     counts = score_tokens(
@@ -262,14 +271,14 @@ def evaluate_model(model_path: str | Path, tokens_dir: str | Path, params: Param
             f"eval.stride ({params.eval.stride}) exceeds the model's context length ({context_length}), "
             "so tokens would be skipped; lower eval.stride"
         )
-    precision = scoring_precision(device, params, "evaluate")
     tokens_dir = Path(tokens_dir)
+    # Every split checked before the precision line: bad input gets its one line and nothing else.
+    splits = {name: checked_split(model, tokens_dir / f"{name}.bin", Path(model_path), trained_with)
+              for name in SPLITS if name not in OPTIONAL_SPLITS or (tokens_dir / f"{name}.bin").exists()}
+    precision = scoring_precision(device, params, "evaluate")
     result = {}
-    for name in SPLITS:
-        path = tokens_dir / f"{name}.bin"
-        if name in OPTIONAL_SPLITS and not path.exists():
-            continue
-        metrics = evaluate_split(model, path, params, device, Path(model_path), trained_with, precision)
+    for name, split in splits.items():
+        metrics = score_split(model, split, tokens_dir / f"{name}.bin", params, device, precision)
         if name == "test":
             result.update(metrics)
         else:

@@ -61,7 +61,7 @@ from librarian.data.chat_template import NEUTRAL_REQUEST, Turn, render_prompt
 from librarian.data.chat_tokens import chat_token_file, read_chat, reply_nats
 from librarian.data.windows import TokenFile
 from librarian.data.words import mentions
-from librarian.evaluation.evaluate import evaluate_split, in_order, round_significant, scoring_precision
+from librarian.evaluation.evaluate import checked_split, in_order, round_significant, score_split, scoring_precision
 from librarian.inference.chat import ChatSession
 from librarian.inference.generate import GenerationOptions, Generator, nth_seed
 from librarian.model.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
@@ -356,11 +356,15 @@ def reply_metrics(generator: Generator, tokens: TokenFile, params: Params) -> di
             "reply_tokens": count}
 
 
-def story_metrics(generator: Generator, model_path: Path, tokens_dir: Path, params: Params,
+def story_split(generator: Generator, model_path: Path, tokens_dir: Path) -> TokenFile:
+    """The story test token file, checked against the model (its vocab, its tokenizer)."""
+    return checked_split(generator.model, tokens_dir / "test.bin", model_path, read_tokenizer_sha256(model_path))
+
+
+def story_metrics(generator: Generator, split: TokenFile, tokens_dir: Path, params: Params,
                   precision: Precision) -> dict:
     """The evaluate stage's test loss and perplexity on the story token file, in its precision."""
-    metrics = evaluate_split(generator.model, tokens_dir / "test.bin", params, "cpu", model_path,
-                             read_tokenizer_sha256(model_path), precision)
+    metrics = score_split(generator.model, split, tokens_dir / "test.bin", params, "cpu", precision)
     return {"story_loss": metrics["loss"], "story_perplexity": metrics["perplexity"]}
 
 
@@ -394,8 +398,10 @@ def evaluate_chat(base_path: str | Path, finetuned_path: str | Path, tokenizer_p
         check_requests(getattr(asked, kind), kind, params)
 
     # The cheap scores first: they check the token files before the long sampling starts.
-    precision = scoring_precision("cpu", params, "evaluate_chat")  # resolved (and its line said) once
-    result = {name: story_metrics(generators[name], paths[name], Path(tokens_dir), params, precision)
+    splits = {name: story_split(generators[name], paths[name], Path(tokens_dir)) for name in MODELS}
+    # After the checks (bad input gets its one line alone); resolved, and its line said, once.
+    precision = scoring_precision("cpu", params, "evaluate_chat")
+    result = {name: story_metrics(generators[name], splits[name], Path(tokens_dir), params, precision)
               for name in MODELS}
     # Tokenized once per context length (both models, as fine-tuned, share one): not once per model.
     chat_files: dict[int, TokenFile] = {}

@@ -397,7 +397,8 @@ CASES = [
     ("params/amp not a boolean", lambda c: c.download(**{"train.amp": "ten"}),
      ["train.amp has the wrong type", "valid boolean", "'ten'"]),
     ("params/eval.amp as text", lambda c: c.download(**{"eval.amp": "yes"}), ["eval.amp has the wrong type"]),
-    ("params/1e-4 quoted", lambda c: c.download(**{"train.lr": "1e-4"}), ["train.lr", "remove the quotes"]),
+    # "0.001" as text: PyYAML quotes it when it writes the file (unquoted, it would be a float to both readers).
+    ("params/a number quoted", lambda c: c.download(**{"train.lr": "0.001"}), ["train.lr", "remove the quotes"]),
     ("params/zero size", lambda c: c.download(**{"train.batch_size": 0}),
      ["train.batch_size", "greater than or equal to 1", "got 0"]),
     ("params/negative size", lambda c: c.download(**{"model.d_model": -16}),

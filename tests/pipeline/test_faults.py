@@ -101,14 +101,14 @@ def test_every_stage_survives_kills_at_random_points(built_project, tmp_path):
 
     assert lock_outputs(project) == baseline
     assert "up to date" in dvc("status", cwd=project)
-    assert len(trials) == TRIALS_PER_STAGE * len(STAGES)
+    assert len(trials) == TRIALS_PER_STAGE * len(stage_commands(project))  # check_params too
     assert sum(rc != 0 for *_, rc in trials) >= len(STAGES), "most trials should interrupt a running stage"
 
 
 # A file-size limit (RLIMIT_FSIZE) makes every write past it fail with EFBIG, the way a full disk
 # fails with ENOSPC, in the real stage process and in every library it calls. Each limit is below
 # the size of the stage's output, so the stage dies in the middle of writing it.
-WRITE_LIMITS = {"download": 1000, "subsample": 1000, "clean": 1000, "train_tokenizer": 1000, "tokenize": 1000,
+WRITE_LIMITS = {"check_params": 20, "download": 1000, "subsample": 1000, "clean": 1000, "train_tokenizer": 1000, "tokenize": 1000,
                 "train": 120_000, "evaluate": 400, "samples": 1000,
                 "chat_data": 1000, "chat_tokens": 40, "finetune": 120_000, "evaluate_chat": 400, "chat_samples": 1000}
 

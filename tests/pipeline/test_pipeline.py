@@ -208,6 +208,8 @@ def test_a_finetune_param_reruns_only_the_chat_stages(project):
         assert ran(dvc("repro", cwd=project)) == ["finetune", "evaluate_chat", "chat_samples"]
         chat = dvc_json("metrics", "diff", "--json", cwd=project)["metrics/chat.json"]
         assert "base.reply_loss" not in chat and chat["finetuned.reply_loss"]["diff"] != 0
+        # Issue 34's keys, free and guided, side by side in `dvc metrics diff` (a perplexity always moves).
+        assert chat["finetuned.reply_fluency"]["diff"] != 0 and chat["finetuned.reply_fluency_guided"]["diff"] != 0
     finally:
         run(["git", "checkout", "--", "."], project)
         dvc("checkout", cwd=project)
