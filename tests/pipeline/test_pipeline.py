@@ -179,16 +179,29 @@ def test_killed_training_resumes_under_dvc_repro_bit_identical(project):
     repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project, env=tool_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = project / "data" / "train_state" / "state.pt"
+
+    def cmdline(process) -> list[str]:
+        # A stage that has just ended (check_params runs in 0.6 s) may be a zombie, or gone, while we look.
+        try:
+            return process.cmdline()
+        except psutil.Error:
+            return []
+
     stage = None
-    for _ in range(6000):  # up to 60 s for the stage to write its first checkpoint
-        stage = stage or next((p for p in psutil.Process(repro.pid).children(recursive=True)
-                               if is_train_stage(p.cmdline())), None)
-        if stage and state.exists():
-            break
-        assert repro.poll() is None, "the stage finished before it could be killed"
-        time.sleep(0.01)
-    stage.kill()  # SIGKILL: no handler runs, nothing gets tidied up
-    output, _ = repro.communicate(timeout=120)
+    try:
+        for _ in range(6000):  # up to 60 s for the stage to write its first checkpoint
+            stage = stage or next((p for p in psutil.Process(repro.pid).children(recursive=True)
+                                   if is_train_stage(cmdline(p))), None)
+            if stage and state.exists():
+                break
+            assert repro.poll() is None, "the stage finished before it could be killed"
+            time.sleep(0.01)
+        stage.kill()  # SIGKILL: no handler runs, nothing gets tidied up
+        output, _ = repro.communicate(timeout=120)
+    finally:  # a failed look must not leave `dvc repro` running, holding the project's lock for the next test
+        if repro.poll() is None:
+            repro.kill()
+            repro.communicate()
     swapped_out = state.parent.with_name(".train_state.old") / "state.pt"  # a kill between the swap's two renames
     assert repro.returncode != 0 and (state.exists() or swapped_out.exists()), output
 
