@@ -86,7 +86,7 @@ def prepare_data(work: Path, params: Params) -> tuple[Path, Path]:
     return tokens, tokenizer_path
 
 
-def check_params(device: str, steps: int, checkpoint_every: int = 0, **overrides) -> Params:
+def card_params(device: str, steps: int, checkpoint_every: int = 0, **overrides) -> Params:
     """params.yaml with the card's execution on `device`, for `steps` optimizer steps, deterministic."""
     raw = read_yaml((ROOT / "params.yaml").read_text())
     settings = {"train.device": device, "train.amp": True, "train.deterministic": True, "train.compile": False,
@@ -150,7 +150,7 @@ def worker_train(args) -> None:
     def say(trainer):
         print(f"step {trainer.progress.global_step}", flush=True)
 
-    params = check_params(args.device, args.steps, args.checkpoint_every)
+    params = card_params(args.device, args.steps, args.checkpoint_every)
     paths = run_paths(Path(args.worker_train))
     build_trainer(params, args.tokens, paths, after_step=say).run()
 
@@ -203,7 +203,7 @@ def check_export(model_path: Path, tokenizer_path: Path, work: Path, device: str
 
 
 def tokens_per_s(work: Path, tokens: Path, device: str, name: str, overrides: dict, args) -> str:
-    params = check_params(device, 10**9, **overrides)
+    params = card_params(device, 10**9, **overrides)
     trainer = build_trainer(params, tokens, run_paths(work / f"bench_{name}"))
     trainer.model.train()
     order = epoch_order(len(trainer.train_windows), params.seed, 0)
@@ -268,7 +268,7 @@ def run_checks(args, work: Path) -> int:
     device = args.device
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
     print(f"INFO device: {device} ({name}), torch {torch.__version__}, {args.steps} training steps", flush=True)
-    params = check_params(device, args.steps)
+    params = card_params(device, args.steps)
     log = work / "details.log"
     with details_to(log):
         tokens, tokenizer_path = prepare_data(work, params)
