@@ -45,6 +45,7 @@ same table built in memory from a list of stories.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shutil
 import string
@@ -60,60 +61,18 @@ from librarian.core.config import REQUEST_KINDS, ChatDataParams, Params
 from librarian.core.errors import LibrarianError
 from librarian.core.io import atomic_dir, open_stories, story_batches, write_json
 from librarian.core.rng import rng_for
-from librarian.data import words
+from librarian.data import request_grammar, words
 from librarian.data.external_sort import PositionSort, Spill, table_writer
+from librarian.data.request_grammar import phrasings
 
 SPLITS = ("train", "val", "test")
 
-# Every phrasing of every kind, in one place. A template is used only when the story gives all its
-# fields ({kind}: the story says "a cat named Tom"); the first of each kind is the issue's own.
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "words": (
-        "Write a story that uses the words {words}.",
-        "Tell me a story with the words {words} in it.",
-        "Can you write a story using the words {words}?",
-    ),
-    "character": (
-        "Tell me a story about {name}.",
-        "Tell me a story about {a} {kind} named {name}.",
-        "Write a story about {name}.",
-        "Can you tell me a story about {a} {kind} called {name}?",
-    ),
-    "opening": (
-        "Continue this story: {opening}",
-        "Finish this story: {opening}",
-        "Here is the start of a story: {opening} Please go on.",
-    ),
-    "plain": (
-        "Tell me a story.",
-        "Can you tell me a story?",
-        "Please write a short story for me.",
-        "I would like to hear a story.",
-    ),
-}
-
-# Phrasings used only for val and test (the *_unseen tables): disjoint from TEMPLATES (checked below),
-# so no train conversation ever asks in these words.
-HELD_OUT: dict[str, tuple[str, ...]] = {
-    "words": (
-        "Can you make up a tale that has {words} in it?",
-        "I want a short story. Please put {words} in it.",
-        "Make up a story for me where {words} all show up.",
-    ),
-    "character": (
-        "I'd like a story where someone named {name} goes on an adventure.",
-        "Could you make up a tale about {name}?",
-        "Please invent a little story about {a} {kind} whose name is {name}.",
-    ),
-    "opening": (
-        "Here is how my story begins: {opening} What happens next?",
-        "Go on with this tale: {opening}",
-    ),
-    "plain": (
-        "Make up a tale for me, please.",
-        "I'd love to hear a little story.",
-    ),
-}
+# Every phrasing of every kind, from the request grammar (librarian/data/request_grammar.py): a
+# template is used only when the story gives all its fields ({kind}: the story says "a cat named Tom").
+# Train conversations are phrased by TEMPLATES; the *_unseen tables by HELD_OUT, families of openers
+# and of listing and naming forms that no train request uses.
+TEMPLATES: dict[str, tuple[str, ...]] = phrasings(request_grammar.TRAIN)
+HELD_OUT: dict[str, tuple[str, ...]] = phrasings(request_grammar.HELD_OUT)
 UNSEEN = "_unseen"  # val_unseen.parquet, test_unseen.parquet
 HELD_OUT_SPLITS = ("val", "test")
 
@@ -141,17 +100,24 @@ class Request:
     character: str = ""  # character requests: the name
 
 
-def _fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+@functools.cache
+def _fields(template: str) -> frozenset[str]:
+    return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name)
 
 
-def _phrase(kind: str, rng: np.random.Generator, /, templates: dict[str, tuple[str, ...]] = TEMPLATES,
-            **values: str) -> str:
-    """One of the kind's templates whose fields are all given, drawn by `rng`, filled in."""
-    usable = [t for t in templates[kind] if _fields(t) <= values.keys()]
+@functools.cache
+def _usable(kind: str, given: frozenset[str], held_out: bool) -> tuple[str, ...]:
+    # Cached: a few hundred templates, asked of for every story of every table.
+    return tuple(t for t in (HELD_OUT if held_out else TEMPLATES)[kind] if _fields(t) <= given)
+
+
+def _phrase(kind: str, rng: np.random.Generator, /, held_out: bool = False, **values: str) -> str:
+    """One of the kind's templates (HELD_OUT's if `held_out`) whose fields are all given, drawn by `rng`, filled in."""
+    usable = _usable(kind, frozenset(values), held_out)
     return usable[rng.integers(len(usable))].format(**values)
 
 
+@functools.cache
 def template_pattern(template: str) -> re.Pattern:
     """A regex that matches exactly the requests `template` can phrase, whatever fills its fields."""
     parts = [re.escape(literal) + ("(.+)" if name else "")
@@ -164,13 +130,15 @@ def phrased_by(request: str, templates: dict[str, tuple[str, ...]]) -> bool:
     return any(template_pattern(t).match(request) for kind in templates for t in templates[kind])
 
 
-def _disjoint() -> bool:
-    """No held-out template's filled-in text can be a training template's (with any field values)."""
+def disjoint() -> bool:
+    """No held-out template's filled-in text can be a training template's (with any field values), nor the
+    reverse. A test checks it: at some 100,000 regex matches it costs too much at every import."""
     probe = {"words": "w1, w2 and w3", "name": "Name", "a": "a", "kind": "cat", "opening": "It began."}
-    return not any(phrased_by(t.format(**probe), TEMPLATES) for kind in HELD_OUT for t in HELD_OUT[kind])
+    return not any(phrased_by(t.format(**probe), other) for one, other in ((HELD_OUT, TEMPLATES), (TEMPLATES, HELD_OUT))
+                   for kind in one for t in one[kind] if _fields(t) <= probe.keys())
 
 
-assert tuple(HELD_OUT) == tuple(TEMPLATES) and _disjoint()
+assert tuple(HELD_OUT) == tuple(TEMPLATES)
 
 
 # --- what a story offers each kind ---------------------------------------------------------------
@@ -290,7 +258,7 @@ def held_out_request(kind: str, asked_words: list[str], offer: object, rng: np.r
     """The same request (the same words, character or opening) in a held-out phrasing."""
     values = {"words": lambda: {"words": listed(list(asked_words))}, "character": lambda: character_fields(offer),
               "opening": lambda: {"opening": offer[0]}, "plain": dict}[kind]()
-    return _phrase(kind, rng, HELD_OUT, **values)
+    return _phrase(kind, rng, held_out=True, **values)
 
 
 BUILDERS = {"words": words_request, "character": character_request, "opening": opening_request,
