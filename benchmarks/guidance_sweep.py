@@ -9,7 +9,9 @@ temperature, top-k, top-p, max_new_tokens, seed; the same rows, the same seeds a
 1 is free sampling). It prints one row per scale: words_recall, words_all, character_recall, their
 _unseen forms, reply_fluency (the replies' perplexity under the model, unguided, given the plain
 request) and repetition (repeated word 3-grams), and the seconds the replies took; a JSON report
-goes to --out. The stage reports one scale (evaluate_chat.guidance); this script chooses it.
+goes to --out. The stage reports one scale (evaluate_chat.guidance); this script chooses it. With
+--best-of 4, a row "1, best of 4" more: four free replies a request (seeds: the request's + 0..3),
+the one the request explains best kept (librarian/inference/rerank.py).
 """
 
 from __future__ import annotations
@@ -40,15 +42,19 @@ COLUMNS = ("words_recall", "words_all", "character_recall", "words_recall_unseen
            "character_recall_unseen", "reply_fluency", "repetition", "seconds")
 
 
-def scores_at(generator: Generator, options: GenerationOptions, asked: Asked, threads: int) -> dict:
+def scores_at(generator: Generator, options: GenerationOptions, asked: Asked, threads: int, best_of: int = 1) -> dict:
     started = time.perf_counter()
     words, character, words_unseen, character_unseen = answer_groups(
         generator, options, [asked.words, asked.character, asked.words_unseen, asked.character_unseen], threads,
-        f"guidance {options.guidance:g}")
+        row_name(options.guidance, best_of), best_of)
     return {**words_scores(asked.words, words), **character_scores(asked.character, character),
             **unseen(words_scores(asked.words_unseen, words_unseen)),
             **unseen(character_scores(asked.character_unseen, character_unseen)),
             **text_scores(generator, words + character), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def row_name(scale: float, best_of: int) -> str:
+    return f"{scale:g}" if best_of == 1 else f"{scale:g}, best of {best_of}"
 
 
 def main() -> None:
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--chat", type=Path, default=Path("data/chat"), help="the chat_data stage's folder")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--scales", default="1,1.5,2,3,4", help="comma-separated guidance scales (1 = free)")
+    parser.add_argument("--best-of", default="", help="comma-separated n: a row for each, free sampling (scale 1) "
+                        "best of n by the request's likelihood ratio (librarian/inference/rerank.py)")
     parser.add_argument("--requests", type=int, default=0, help="requests of each kind (default: evaluate_chat.requests)")
     parser.add_argument("--out", type=Path, default=Path("guidance_sweep.json"))
     args = parser.parse_args()
@@ -71,11 +79,13 @@ def main() -> None:
     rows = {}
     print("| guidance | " + " | ".join(COLUMNS) + " |", flush=True)
     print("|---" * (len(COLUMNS) + 1) + "|", flush=True)
-    for scale in (float(s) for s in args.scales.split(",")):
-        rows[scale] = scores_at(generator, replace(options, guidance=scale), asked, threads)
-        print(f"| {scale:g} | " + " | ".join(f"{rows[scale][c]:g}" for c in COLUMNS) + " |", flush=True)
+    runs = [(float(s), 1) for s in args.scales.split(",") if s] + [(1.0, int(n)) for n in args.best_of.split(",") if n]
+    for scale, best_of in runs:
+        name = row_name(scale, best_of)
+        rows[name] = scores_at(generator, replace(options, guidance=scale), asked, threads, best_of)
+        print(f"| {name} | " + " | ".join(f"{rows[name][c]:g}" for c in COLUMNS) + " |", flush=True)
     write_json(args.out, {"model": str(args.model), "requests": len(asked.words), "sampling": settings.model_dump(),
-                          "command": " ".join(sys.argv), "scales": {f"{k:g}": v for k, v in rows.items()}})
+                          "command": " ".join(sys.argv), "scales": rows})
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ def _add_chat(commands) -> None:
     chat.add_argument("--negative-prompt", default=None,
                       help="with --guidance: the request that takes the place of yours in guidance's negative "
                            'prompt, the same conversation otherwise (default: "Tell me a story.")')
+    chat.add_argument("--best-of", type=int, default=1, metavar="N",
+                      help="sample N replies and show the one the request explains best (the log-likelihood "
+                           "ratio against the negative prompt), whole once all N are in (default: 1, off)")
 
 
 def _add_export(commands) -> None:
@@ -305,6 +308,7 @@ def run_chat(args: argparse.Namespace) -> None:
     require_open("stdin", "chat reads your messages from it: run it in a terminal, or pipe them in (< messages.txt)")
     require_open("stdout", "chat prints its replies there: run it in a terminal, or send them to a file (> chat.txt)")
     options = options_from(args)
+    chat.check_best_of(args.best_of)
     generator = Generator.load(args.model, args.tokenizer)
     use_threads(args, generator)
     if hasattr(sys.stdin, "reconfigure"):
@@ -324,7 +328,8 @@ def run_chat(args: argparse.Namespace) -> None:
     print(describe_model(args.model), flush=True)  # the line before the banner
     neutral = chat.NEUTRAL_REQUEST if args.negative_prompt is None else \
         chat.one_line(utf8_argument(args.negative_prompt, "--negative-prompt"))
-    chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout, neutral_request=neutral)
+    chat.run_chat(generator, options, input_fn=input_fn, output=sys.stdout, neutral_request=neutral,
+                  best_of=args.best_of)
 
 
 def run_serve(args: argparse.Namespace) -> None:

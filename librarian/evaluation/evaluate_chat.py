@@ -189,9 +189,10 @@ def session_for(generator: Generator, options: GenerationOptions, request: Reque
     return session
 
 
-def answer(generator: Generator, options: GenerationOptions, request: Request) -> str:
-    """The reply `librarian chat` gives to the request after its conversation's earlier turns."""
-    return "".join(session_for(generator, options, request).reply(request.message))
+def answer(generator: Generator, options: GenerationOptions, request: Request, best_of: int = 1) -> str:
+    """The reply `librarian chat` (with --best-of) gives to the request after its conversation's earlier turns."""
+    session = session_for(generator, options, request)
+    return "".join(session.reply(request.message)) if best_of == 1 else session.best_reply(request.message, best_of)
 
 
 def keeps_history(generator: Generator, options: GenerationOptions, request: Request) -> bool:
@@ -201,20 +202,21 @@ def keeps_history(generator: Generator, options: GenerationOptions, request: Req
 
 
 def answer_all(generator: Generator, options: GenerationOptions, requests: list[Request], threads: int,
-               desc: str) -> list[str]:
+               desc: str, best_of: int = 1) -> list[str]:
     """The replies to `requests`, in their order, answered `threads` at a time."""
     replies = []
     with using_threads(1), progress_bar(len(requests), desc=desc, unit="request") as bar:
-        for reply in in_order(functools.partial(answer, generator, options), iter(requests), threads):
+        for reply in in_order(functools.partial(answer, generator, options, best_of=best_of), iter(requests), threads):
             replies.append(reply)
             bar.update(1)
     return replies
 
 
 def answer_groups(generator: Generator, options: GenerationOptions, groups: list[list[Request]], threads: int,
-                  desc: str) -> list[list[str]]:
+                  desc: str, best_of: int = 1) -> list[list[str]]:
     """The replies to each group of requests, all answered together so the threads stay busy."""
-    replies = iter(answer_all(generator, options, [request for group in groups for request in group], threads, desc))
+    replies = iter(answer_all(generator, options, [request for group in groups for request in group], threads, desc,
+                              best_of))
     return [[next(replies) for _ in group] for group in groups]
 
 

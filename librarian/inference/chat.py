@@ -30,6 +30,7 @@ from typing import TextIO
 from librarian.core.errors import LibrarianError
 from librarian.data.chat_template import ASSISTANT, NEUTRAL_REQUEST, USER, Turn, render_prompt
 from librarian.inference.generate import GenerationOptions, Generator, nth_seed
+from librarian.inference.rerank import best_by_request
 
 STOP_STRINGS = (USER,)  # <|endoftext|> is a stop token in Generator.stream already
 PROMPT = f"{USER} "
@@ -121,8 +122,10 @@ class ChatSession:
     """The state of one conversation: history, generation options and the commands that change them."""
 
     def __init__(self, generator: Generator, options: GenerationOptions = GenerationOptions(),
-                 neutral_request: str = NEUTRAL_REQUEST):
+                 neutral_request: str = NEUTRAL_REQUEST, best_of: int = 1):
+        check_best_of(best_of)
         self.generator, self.options, self.neutral_request = generator, options, neutral_request
+        self.best_of = best_of  # above 1: respond() gives best_reply(message, best_of)
         self.history: list[Turn] = []
         self.replies = 0  # replies started: reply i samples with seed + i, so a seeded session repeats
 
@@ -146,10 +149,7 @@ class ChatSession:
         prompt, kept, used = self.build_prompt(message)
         options = replace(self.options, seed=nth_seed(self.options.seed, self.replies))
         if options.guided:
-            kept_turns = self.history[len(self.history) - kept :]
-            negative = negative_prompt(kept_turns, self.prompt_budget, self.generator.encode, self.generator.decode,
-                                       self.neutral_request)
-            options = replace(options, negative=tuple(self.generator.encode(negative)))
+            options = replace(options, negative=tuple(self.negative_ids(kept)))
         self.replies += 1
         stream = self.generator.stream(prompt, options, STOP_STRINGS)
         pieces = []
@@ -159,8 +159,44 @@ class ChatSession:
                 yield piece
         finally:
             stream.close()
+        self.add_turn(kept, used, "".join(pieces))
+
+    def best_reply(self, message: str, n: int) -> str:
+        """Best of n, ranked by the request (librarian/inference/rerank.py): n replies sampled as reply()
+        samples them, the j-th with the reply's seed + j (so the first is reply()'s own), and the one the
+        request explains best, against guidance's negative prompt, kept and joined to the history."""
+        check_best_of(n)
+        prompt, kept, used = self.build_prompt(message)
+        negative = self.negative_ids(kept)
+        seed = nth_seed(self.options.seed, self.replies)
+        self.replies += 1
+        replies = []
+        for j in range(n):
+            options = replace(self.options, seed=nth_seed(seed, j))
+            if options.guided:
+                options = replace(options, negative=tuple(negative))
+            replies.append(self.generator.complete(prompt, options, STOP_STRINGS))
+        encode = self.generator.encode
+        best = replies[best_by_request(self.generator.model, encode(prompt), negative, [encode(r) for r in replies])]
+        self.add_turn(kept, used, best)
+        return best
+
+    def respond(self, message: str) -> Iterator[str]:
+        """The reply as chat shows it: streamed, or, with best_of above 1, whole once all its candidates are in."""
+        if self.best_of == 1:
+            yield from self.reply(message)
+        else:
+            yield self.best_reply(message, self.best_of)
+
+    def negative_ids(self, kept: int) -> list[int]:
+        """Guidance's negative prompt for a reply whose prompt kept the last `kept` turns, as token ids."""
+        kept_turns = self.history[len(self.history) - kept :]
+        return self.generator.encode(negative_prompt(kept_turns, self.prompt_budget, self.generator.encode,
+                                                     self.generator.decode, self.neutral_request))
+
+    def add_turn(self, kept: int, message: str, reply: str) -> None:
         # The turns left out of this prompt will never fit again: forget them.
-        self.history = self.history[len(self.history) - kept :] + [Turn(used, "".join(pieces).strip())]
+        self.history = self.history[len(self.history) - kept :] + [Turn(message, reply.strip())]
 
     def command(self, line: str) -> tuple[str, bool]:
         """Run a /command: (what to print, whether to quit)."""
@@ -189,6 +225,11 @@ class ChatSession:
         return f"now {describe(self.options)}", False
 
 
+def check_best_of(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise LibrarianError(f"--best-of must be a whole number >= 1 (1 = off), got {n!r}")
+
+
 def describe(options: GenerationOptions, only: str | None = None) -> str:
     """The sampling settings as the user names them: "temperature 0 (greedy), top-k 50, top-p 1 (off)"."""
     parts = {
@@ -209,7 +250,8 @@ def help_text() -> str:
 def banner(session: ChatSession) -> str:
     return (
         "Librarian chat: a small story model continuing a User:/Assistant: dialogue.\n"
-        f"{describe(session.options)}, up to {session.options.max_new_tokens} tokens a reply, "
+        f"{describe(session.options)}, up to {session.options.max_new_tokens} tokens a reply"
+        f"{f', best of {session.best_of} by the request' if session.best_of > 1 else ''}, "
         f"context {session.context_length} tokens.\n"
         "Commands: /reset /temp X /topk N /topp P /guide G /help /quit. Ctrl-C stops a reply; Ctrl-D or /quit leaves."
     )
@@ -221,9 +263,10 @@ def run_chat(
     input_fn: Callable[[str], str] = input,
     output: TextIO = sys.stdout,
     neutral_request: str = NEUTRAL_REQUEST,
+    best_of: int = 1,
 ) -> int:
     """Read messages with `input_fn` until /quit or end of input; stream replies to `output`. Returns 0."""
-    session = ChatSession(generator, options, neutral_request)
+    session = ChatSession(generator, options, neutral_request, best_of)
 
     def say(text: str = "", end: str = "\n") -> None:
         output.write(text + end)
@@ -253,7 +296,7 @@ def run_chat(
             say(f"(your message is too long for the model's {session.context_length}-token context: "
                 f"it sees only its last {len(used)} characters)")
         say(REPLY_LABEL, end="")
-        pieces = display(session.reply(message))
+        pieces = display(session.respond(message))
         try:
             for piece in pieces:
                 output.write(piece)

@@ -116,6 +116,11 @@ def test_bad_generation_settings_are_one_line_errors(model_args, capsys, bad, me
     assert message in fails(capsys, "generate", "--prompt", "Once", *model_args, *bad)
 
 
+def test_chat_best_of_below_one_is_a_one_line_error(model_args, capsys):
+    assert "--best-of must be a whole number >= 1 (1 = off), got 0" in fails(capsys, "chat", *model_args,
+                                                                            "--best-of", "0")
+
+
 @pytest.mark.parametrize("prompt", ["", "   ", "\x00\x01\x1b"])
 def test_an_empty_prompt_is_an_error_with_a_hint(model_args, capsys, prompt):
     assert '--prompt "Once upon a time"' in fails(capsys, "generate", "--prompt", prompt, *model_args)

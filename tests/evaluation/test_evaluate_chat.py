@@ -18,7 +18,7 @@ from librarian.inference.generate import GenerationOptions
 from librarian.evaluation.evaluate_chat import Request, character_scores, names, select_multi_turn, select_requests, words_scores
 from librarian.data.tokenizer import file_sha256, load_tokenizer
 from stages.evaluate_chat import main as evaluate_chat_stage
-from tests.helpers import build_tiny, set_dotted, tiny_model, write_tokens
+from tests.helpers import ROOT, build_tiny, set_dotted, tiny_model, write_tokens
 
 # (conversation, turn, kind, request, reply, words, character): a two-turn conversation among them
 CONVERSATIONS = [
@@ -181,7 +181,7 @@ def test_the_stage_scores_the_replies_the_models_give(run, inputs, monkeypatch):
 
     tuned_embedding = load_weights(inputs.finetuned).tok_emb.weight
 
-    def answer(generator, options, req):
+    def answer(generator, options, req, best_of=1):
         if not torch.equal(generator.model.tok_emb.weight, tuned_embedding):
             return "Someone smiled."
         if req.character:
@@ -525,3 +525,23 @@ def test_fluency_scores_replies_given_the_plain_request_and_repetition_counts_re
     expected = F.cross_entropy(logits[0, len(prompt) - 1 :], x[0, len(prompt) :]).item()
     assert fluency(generator, [" The cat sat."]) == pytest.approx(math.exp(expected), rel=1e-5)
     assert repeated_trigrams(["the cat sat and the cat sat", "one two"]) == (1, 5)  # "the cat sat" again
+
+
+def test_the_guidance_sweep_reports_each_scale_and_best_of_n(built_project, tmp_path):
+    """benchmarks/guidance_sweep.py on the fixture's models: a row per scale and per best-of n, the free
+    row equal to what evaluate_chat measured with the same rows and seeds."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "guidance_sweep.py"), "--scales", "1,2", "--best-of", "2",
+         "--out", str(out)], cwd=built_project, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(out.read_text())["scales"]
+    assert set(rows) == {"1", "2", "1, best of 2"}
+    chat = json.loads((built_project / "metrics" / "chat.json").read_text())["finetuned"]
+    for key in ("words_recall", "character_recall", "words_recall_unseen", "reply_fluency", "repetition"):
+        assert rows["1"][key] == chat[key], key
+    assert "| 1, best of 2 |" in run.stdout
