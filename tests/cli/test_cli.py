@@ -197,6 +197,23 @@ def test_chat_through_piped_stdin(model_args):
     assert "temperature 0 (greedy)" in out and out.rstrip().endswith("bye")
 
 
+def test_chat_guides_by_default_and_generate_does_not(model_args):
+    """chat's default guidance is the measured CHAT_GUIDANCE (docs/LOG.md); --guidance 1 is free sampling."""
+    from librarian.cli.main import CHAT_GUIDANCE, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["chat"]).guidance == CHAT_GUIDANCE == 3.0
+    assert parser.parse_args(["generate", "--prompt", "x"]).guidance == 1.0
+    guided = cli("chat", *model_args, "--seed", "1", "--max-new-tokens", "12", stdin="Tell me a story about Tom.\n")
+    explicit = cli("chat", *model_args, "--seed", "1", "--max-new-tokens", "12", "--guidance", "3",
+                   stdin="Tell me a story about Tom.\n")
+    free = cli("chat", *model_args, "--seed", "1", "--max-new-tokens", "12", "--guidance", "1",
+               stdin="Tell me a story about Tom.\n")
+    assert "guidance 3," in guided.stdout and "guidance 1 (off)" in free.stdout
+    assert guided.stdout == explicit.stdout
+    assert guided.stdout.split("Assistant:")[-1] != free.stdout.split("Assistant:")[-1]
+
+
 def test_chat_exits_0_at_the_end_of_piped_input(model_args):
     result = cli("chat", *model_args, "--max-new-tokens", "5", stdin="Hello\n")
     assert result.returncode == 0 and result.stderr == "" and "\nAssistant: " in result.stdout
