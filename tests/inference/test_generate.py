@@ -292,5 +292,10 @@ def test_chat_command_keeps_the_other_options_when_one_changes(tiny_files, optio
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n/topk 3\nAgain\n/quit\n"))
     main(["chat", "--temperature", "0.7", "--seed", "2", "--max-new-tokens", "4", "--no-cache",
           "--model", str(tiny_files[0]), "--tokenizer", str(tiny_files[1])])
-    asked = GenerationOptions(0.7, 50, 0.95, max_new_tokens=4, seed=2, use_cache=False)
-    assert options_seen == [asked, replace(asked, top_k=3, seed=3)]  # reply i samples with seed + i
+    from librarian.cli.main import CHAT_GUIDANCE
+
+    asked = GenerationOptions(0.7, 50, 0.95, max_new_tokens=4, seed=2, use_cache=False, guidance=CHAT_GUIDANCE)
+    # chat guides by default: each reply carries its negative prompt (the conversation, its request made neutral)
+    assert all(options.negative for options in options_seen)
+    seen = [replace(options, negative=()) for options in options_seen]
+    assert seen == [asked, replace(asked, top_k=3, seed=3)]  # reply i samples with seed + i
