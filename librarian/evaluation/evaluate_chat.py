@@ -49,8 +49,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 from librarian.core.config import Params
 from librarian.core.errors import LibrarianError
@@ -64,6 +62,7 @@ from librarian.data.words import mentions
 from librarian.evaluation.evaluate import checked_split, in_order, round_significant, score_split, scoring_precision
 from librarian.inference.chat import ChatSession
 from librarian.inference.generate import GenerationOptions, Generator, nth_seed
+from librarian.inference.rerank import log_likelihood
 from librarian.model.checkpoint import check_same_tokenizer, read_config, read_tokenizer_sha256
 
 MODELS = ("base", "finetuned")
@@ -192,7 +191,8 @@ def session_for(generator: Generator, options: GenerationOptions, request: Reque
 def answer(generator: Generator, options: GenerationOptions, request: Request, best_of: int = 1) -> str:
     """The reply `librarian chat` (with --best-of) gives to the request after its conversation's earlier turns."""
     session = session_for(generator, options, request)
-    return "".join(session.reply(request.message)) if best_of == 1 else session.best_reply(request.message, best_of)
+    session.best_of = best_of
+    return "".join(session.respond(request.message))
 
 
 def keeps_history(generator: Generator, options: GenerationOptions, request: Request) -> bool:
@@ -288,22 +288,17 @@ def repeated_trigrams(replies: list[str]) -> tuple[int, int]:
     return repeated, total
 
 
-@torch.no_grad()
 def fluency(generator: Generator, replies: list[str]) -> float:
     """The replies' perplexity under the model, unguided, each given the plain request "Tell me a
     story.": what guidance costs the text as a story (the replies are cut to fit the context)."""
-    model = generator.model
     prompt = generator.encode(render_prompt([], NEUTRAL_REQUEST))
-    room = model.config.context_length - len(prompt)
+    room = generator.model.config.context_length - len(prompt)
     nats, count = 0.0, 0
     for reply in replies:
         ids = generator.encode(reply)[:room]
-        if not ids:
-            continue
-        x = torch.tensor([prompt + ids])
-        logits, _ = model(x[:, :-1])
-        nats += F.cross_entropy(logits[0, len(prompt) - 1 :].float(), x[0, len(prompt) :], reduction="sum").item()
-        count += len(ids)
+        if ids:
+            nats -= log_likelihood(generator.model, prompt, ids)
+            count += len(ids)
     return math.exp(nats / max(count, 1))
 
 
